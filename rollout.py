@@ -1,0 +1,232 @@
+"""
+rollout.py -- batched sampling with a KV cache: G answers for each of B prompts.
+
+Where it sits in the pipeline:
+
+    question -> [format_prompt] -> [sample: tokens, log-probs, entropies] -> reward -> advantage -> loss
+
+Rollouts are most of the wall-clock time of RL for reasoning, so the sampler does three things a
+plain loop would not:
+  1. prefill each prompt once, then copy its KV cache to its G sample rows (the G samples of a
+     GRPO group share the prompt, so recomputing it G times is pure waste);
+  2. decode one token per step for all B*G rows at once, reusing the cache (O(T) per step, not O(T^2));
+  3. left-pad prompts of different lengths, with a mask and per-row positions, so every row's
+     response starts in the same column and one step serves all rows.
+Alongside each sampled token it records what training needs: its log-prob and the entropy of the
+distribution it was drawn from (the paper's H_t), both in nats at the sampling temperature.
+
+    prompts = [format_prompt(tok, "What is 7 * 8?")]
+    r = sample(model, tok, prompts, group_size=4, max_new_tokens=64)
+    r.texts, r.entropies, r.response_mask
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from model import KVCache
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Solve the problem step by step, then give the final answer "
+    "in \\boxed{}, for example \\boxed{42}."
+)
+# Tokens that end an answer besides tokenizer.eos_token: the chat end-of-turn markers of the
+# families we support (ChatML in Qwen and SmolLM2, Llama 3's end of turn).
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+
+
+@dataclass
+class Rollout:
+    """B prompts x G samples = N rows; the G samples of prompt i are rows i*G .. i*G+G-1."""
+
+    prompt_ids: torch.Tensor  # (N, P) long, left-padded
+    prompt_mask: torch.Tensor  # (N, P) long, 1 = real token
+    response_ids: torch.Tensor  # (N, R) long, right-padded with the pad id after the stop token
+    response_mask: torch.Tensor  # (N, R) float, 1 up to and including the stop token
+    logprobs: torch.Tensor  # (N, R) float32, log pi(o_t) at the sampling temperature, 0 on padding
+    entropies: torch.Tensor  # (N, R) float32, H_t of that distribution (nats), 0 on padding
+    stopped: torch.Tensor  # (N,) bool; False = the row ran into max_new_tokens
+    texts: list  # N decoded responses, special tokens dropped
+    group_size: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)  # (N,) response lengths in tokens
+
+
+def format_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The text the model continues: the chat template when the tokenizer has one, else plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (system_prompt + "\n\n" if system_prompt else "") + f"Question: {question}\nAnswer:"
+
+
+def stop_token_ids(tokenizer) -> list:
+    ids = {tokenizer.eos_token_id}
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_TOKENS if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
+# -----------------------------------------------------------------------------------------------
+# The maths of one step: shared with train.py, so sampler and trainer agree to the last digit
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+    """log pi(token) and H = -sum_v pi(v) log pi(v) of softmax(logits / temperature), in nats.
+
+    logits (..., V), tokens (...) -> two tensors (...). Both are of the full softmax at this
+    temperature, before any top-p/top-k truncation: that is the policy pi whose gradient training
+    takes, so the PPO ratio pi_new / pi_old compares like with like (veRL does the same).
+    temperature 0 (greedy) is recorded at temperature 1.
+    """
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # (..., V)
+    entropy = -(logp.exp() * logp).sum(-1)  # (...)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 4):
+    """Log-probs and entropies of the rollout's response tokens under `model`, with gradients.
+
+    This is the training forward (and the one that produces the PPO ratio's old log-probs):
+    returns logp (N, R) and entropy (N, R) at the sampling temperature, 0 on padding.
+    Memory: the logits (N, R, V) are the largest tensor in the program (16 x 256 x 151936 floats is
+    2.5 GB for Qwen). We never make them for prompt positions, and we make them for `chunk_rows`
+    rows at a time inside torch.utils.checkpoint, which keeps only the hidden states for backward
+    and recomputes that chunk's logits there: one chunk of logits is alive at any moment, at the
+    price of one extra LM-head matmul in the backward pass.
+    """
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
+    mask = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)  # (N, P + R)
+    P = rollout.prompt_ids.shape[1]
+    h = model.hidden_states(ids, mask)[:, P - 1 : -1]  # (N, R, D): position t predicts response token t
+
+    def chunk(h_rows, tokens):
+        return logprobs_and_entropy(model.lm_head(h_rows), tokens, temperature)
+
+    logps, ents = [], []
+    for i in range(0, h.shape[0], chunk_rows):
+        rows = slice(i, i + chunk_rows)
+        if torch.is_grad_enabled():
+            lp, en = checkpoint(chunk, h[rows], rollout.response_ids[rows], use_reentrant=False)
+        else:
+            lp, en = chunk(h[rows], rollout.response_ids[rows])
+        logps.append(lp)
+        ents.append(en)
+    m = rollout.response_mask
+    return torch.cat(logps) * m, torch.cat(ents) * m  # (N, R) each
+
+
+def pick_next_token(logits, temperature, top_p, top_k, generator):
+    """(N, V) logits -> (N,) sampled token ids. temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:  # keep the k most likely tokens
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass strictly before this token already >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)  # (N, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------------------------
+# The sampler
+
+
+def _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k):
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of at least one formatted prompt (see format_prompt)")
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, not one string: wrap it as [prompt]")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive number of tokens, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=None):
+    """Sample `group_size` responses for each prompt (formatted strings). Returns a Rollout."""
+    _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k)
+    device = model.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    stop_ids = torch.tensor(stop_token_ids(tokenizer), device=device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop_ids[0])
+    n_real_vocab = len(tokenizer)  # Qwen pads its embedding to a multiple of 128: those rows are never sampled
+
+    # 1) tokenize and left-pad, so that every prompt ends in the same column
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("an empty prompt: every prompt needs at least one token")
+    B, G, P = len(prompts), group_size, max(len(e) for e in encoded)
+    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        prompt_ids[i, P - len(e) :] = torch.tensor(e)
+        prompt_mask[i, P - len(e) :] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    # 2) prefill each prompt once; only the last position's logits are needed to start decoding
+    cache = KVCache(model.config, B, P + max_new_tokens, device=device, dtype=model.dtype)
+    h = model.hidden_states(prompt_ids, prompt_mask, cache)[:, -1:]  # (B, 1, D)
+    logits = model.lm_head(h)[:, 0].float()  # (B, V)
+
+    # 3) copy the prompt's cache (and its next-token logits) to its G sample rows
+    if G > 1:
+        cache = cache.repeat_interleave(G)
+        logits = logits.repeat_interleave(G, dim=0)  # (N, V)
+    N = B * G
+
+    # 4) decode: one token per step for all rows, until every row has stopped
+    tokens, logps, ents = [], [], []
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        logits[:, n_real_vocab:] = float("-inf")
+        token = pick_next_token(logits, temperature, top_p, top_k, generator)  # (N,)
+        logp, ent = logprobs_and_entropy(logits, token, temperature)  # (N,), (N,)
+        token = token.masked_fill(done, pad_id)  # rows that already stopped only emit padding
+        tokens.append(token)
+        logps.append(logp.masked_fill(done, 0.0))
+        ents.append(ent.masked_fill(done, 0.0))
+        done = done | torch.isin(token, stop_ids)
+        if done.all():
+            break
+        logits = model(token[:, None], cache=cache)[:, -1]  # (N, V)
+
+    # 5) pack the record that training consumes
+    response_ids = torch.stack(tokens, 1)  # (N, R)
+    is_stop = torch.isin(response_ids, stop_ids)  # (N, R)
+    # the mask is 1 up to and including the first stop token: count stops strictly before t
+    response_mask = ((is_stop.long().cumsum(-1) - is_stop.long()) == 0).float()  # (N, R)
+    stopped = is_stop.any(-1)
+    texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(response_ids, response_mask)], skip_special_tokens=True)
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(G, 0),
+        prompt_mask=prompt_mask.repeat_interleave(G, 0),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=torch.stack(logps, 1) * response_mask,
+        entropies=torch.stack(ents, 1) * response_mask,
+        stopped=stopped,
+        texts=texts,
+        group_size=G,
+    )

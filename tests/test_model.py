@@ -1,0 +1,137 @@
+"""model.py against transformers' own Qwen2 / Qwen3 / Llama, the KV cache against a full forward."""
+
+import pytest
+import torch
+from conftest import tiny_hf_model
+
+from model import KVCache, ModelConfig, Transformer, load_model, save_pretrained
+
+FAMILIES = ["qwen2", "qwen3", "llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family):
+    hf = tiny_hf_model(family)
+    ours = Transformer.from_hf(hf).eval()
+    x = torch.randint(0, 101, (3, 21))
+    with torch.no_grad():
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_family_flags():
+    assert ModelConfig.from_hf(tiny_hf_model("qwen2").config).qkv_bias
+    assert ModelConfig.from_hf(tiny_hf_model("qwen3").config).qk_norm
+    llama = ModelConfig.from_hf(tiny_hf_model("llama").config)
+    assert not llama.qkv_bias and not llama.qk_norm and llama.tie_embeddings
+
+
+def test_real_smollm2_matches_transformers(smollm2_hf, smollm2):
+    hf_model, tok = smollm2_hf
+    ours, _ = smollm2
+    x = tok(["The capital of France is", "Twelve times eleven equals"], return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad():
+        diff = (hf_model(x).logits - ours(x)).abs().max().item()
+    assert diff <= 1e-3, diff
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_full_forward(family):
+    model = Transformer.from_hf(tiny_hf_model(family)).eval()
+    x = torch.randint(0, 101, (2, 30))
+    cache = KVCache(model.config, batch_size=2, max_len=40)
+    with torch.no_grad():
+        full = model(x)  # (2, 30, V)
+        prefill = model(x[:, :12], cache=cache)  # prompt of 12 tokens
+        steps = [model(x[:, t : t + 1], cache=cache) for t in range(12, 30)]  # 18 single-token steps
+    assert cache.length == 30
+    assert (torch.cat([prefill, *steps], 1) - full).abs().max().item() <= 1e-4
+
+
+def test_left_padding_gives_each_row_its_own_positions():
+    model = Transformer.from_hf(tiny_hf_model("qwen2")).eval()
+    x = torch.randint(0, 101, (3, 16))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, :6] = 0  # row 1 is a 10-token prompt, left-padded
+    mask[2, :15] = 0  # row 2 is a 1-token prompt
+    with torch.no_grad():
+        batched = model(x, attention_mask=mask)
+        for row, start in [(0, 0), (1, 6), (2, 15)]:
+            alone = model(x[row : row + 1, start:])
+            assert (batched[row, start:] - alone[0]).abs().max().item() <= 1e-4
+
+
+def test_repeat_interleave_copies_each_prompt_to_its_group():
+    model = Transformer.from_hf(tiny_hf_model("llama")).eval()
+    x = torch.randint(0, 101, (2, 8))
+    cache = KVCache(model.config, 2, 12)
+    with torch.no_grad():
+        model(x, cache=cache)
+        big = cache.repeat_interleave(3)
+        nxt = torch.randint(0, 101, (6, 1))
+        stepped = model(nxt, cache=big)[:, 0]  # (6, V)
+        for r in range(6):
+            ref = model(torch.cat([x[r // 3], nxt[r]])[None])[0, -1]
+            assert (stepped[r] - ref).abs().max().item() <= 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = Transformer.from_hf(tiny_hf_model("qwen3")).train()
+        model.gradient_checkpointing = ckpt
+        model(torch.arange(20)[None] % 101).logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_saved_checkpoint_loads_in_transformers(tmp_path, smollm2):
+    """A GGUF-loaded model cannot save_pretrained; our export can, and transformers reads it back."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smollm2
+    save_pretrained(model, tok, str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ours_again, tok2 = load_model(str(tmp_path), device="cpu")
+    x = torch.tensor([tok.encode("1 + 1 =")])
+    with torch.no_grad():
+        ref = model(x)
+        assert (reloaded(x).logits - ref).abs().max().item() <= 1e-4
+        assert (ours_again(x) - ref).abs().max().item() <= 1e-4
+    assert tok2.encode("1 + 1 =") == tok.encode("1 + 1 =")
+
+
+# --- errors a user can act on ------------------------------------------------------------------
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*qwen2, qwen3, llama"):
+        ModelConfig.from_hf(GPT2Config())
+
+
+def test_unsupported_rope_scaling_is_named():
+    cfg = tiny_hf_model("llama").config
+    cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
+        ModelConfig.from_hf(cfg)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("not-a-model", "unknown model 'not-a-model'.*smollm2-135m"),
+        ("./no/such/folder", "no such model folder"),
+        ("/tmp/definitely-missing.gguf", "no such GGUF file"),
+        ("nobody-xyz/not-cached-model", "hub cannot be reached|could not load"),
+    ],
+)
+def test_bad_model_sources(source, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(source, device="cpu")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(str(tmp_path), device="cpu")

@@ -1,0 +1,158 @@
+"""rollout.py: the sampler against transformers' generate, a full forward, and its own invariants."""
+
+import pytest
+import torch
+from conftest import tiny_hf_model
+
+from model import Transformer
+from rollout import format_prompt, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
+
+QUESTIONS = ["What is 7 * 8?", "A farmer has 12 cows and buys 35 more, then sells 4. How many cows are left?", "2+2?"]
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    _, tok = smollm2
+    return [format_prompt(tok, q) for q in QUESTIONS]
+
+
+def test_format_prompt_uses_chat_template_or_plain_text(smollm2):
+    _, tok = smollm2
+    p = format_prompt(tok, "What is 1+1?")
+    assert "<|im_start|>user\nWhat is 1+1?<|im_end|>" in p and p.endswith("<|im_start|>assistant\n")
+    assert "\\boxed{}" in p
+
+    class Plain:
+        chat_template = None
+
+    assert format_prompt(Plain(), "What is 1+1?", system_prompt="Be brief.") == "Be brief.\n\nQuestion: What is 1+1?\nAnswer:"
+
+
+def test_greedy_equals_transformers_generate(smollm2_hf, smollm2, prompts):
+    hf_model, tok = smollm2_hf
+    model, _ = smollm2
+    ours = sample(model, tok, prompts[:1], max_new_tokens=24, temperature=0)
+    ids = tok(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = hf_model.generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id)[0, ids.shape[1] :]
+    n = int(ours.response_mask[0].sum())
+    assert ours.response_ids[0, :n].tolist() == ref[:n].tolist()
+
+
+def test_left_padded_batch_equals_each_prompt_alone(smollm2, prompts):
+    model, tok = smollm2
+    batch = sample(model, tok, prompts, max_new_tokens=20, temperature=0)
+    assert len(set(map(len, [tok.encode(p) for p in prompts]))) == 3  # three different lengths
+    for i, p in enumerate(prompts):
+        alone = sample(model, tok, [p], max_new_tokens=20, temperature=0)
+        n = int(alone.response_mask[0].sum())
+        assert batch.response_ids[i, :n].tolist() == alone.response_ids[0, :n].tolist()
+        assert batch.texts[i] == alone.texts[0]
+
+
+def test_recorded_logprobs_and_entropies_match_a_full_forward(smollm2, prompts):
+    model, tok = smollm2
+    T = 0.7
+    r = sample(model, tok, prompts[:2], group_size=3, max_new_tokens=16, temperature=T, top_p=0.9, seed=1)
+    ids = torch.cat([r.prompt_ids, r.response_ids], 1)  # (N, P + R)
+    mask = torch.cat([r.prompt_mask, r.response_mask.long()], 1)
+    P = r.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)[:, P - 1 : -1]  # (N, R, V): position t predicts token t+1
+    logp, ent = logprobs_and_entropy(logits, r.response_ids, T)
+    m = r.response_mask
+    assert (logp * m - r.logprobs).abs().max().item() <= 1e-4
+    assert (ent * m - r.entropies).abs().max().item() <= 1e-4
+    assert (r.entropies[m.bool()] > 0).all()
+    # the training forward (response positions only, chunked, with gradients) agrees too
+    lp2, ent2 = score_responses(model, r, T, chunk_rows=4)
+    assert (lp2 - r.logprobs).abs().max().item() <= 1e-4 and (ent2 - r.entropies).abs().max().item() <= 1e-4
+    lp2.sum().backward()
+    assert model.lm_head.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_entropy_is_minus_sum_p_log_p():
+    logits = torch.randn(5, 7, 11)
+    tokens = torch.randint(0, 11, (5, 7))
+    for T in (1.0, 0.6, 1.7):
+        logp, ent = logprobs_and_entropy(logits, tokens, T)
+        p = torch.softmax(logits / T, -1)
+        assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5)
+        assert torch.allclose(logp, p.gather(-1, tokens[..., None]).squeeze(-1).log(), atol=1e-5)
+
+
+def test_top_k_1_equals_greedy(smollm2, prompts):
+    model, tok = smollm2
+    greedy = sample(model, tok, prompts[:2], max_new_tokens=12, temperature=0)
+    topk1 = sample(model, tok, prompts[:2], max_new_tokens=12, temperature=1.0, top_k=1, seed=3)
+    assert torch.equal(greedy.response_ids, topk1.response_ids)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(pick_next_token(logits, 1.0, 0.75, 0, g).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75
+    assert set(pick_next_token(logits, 1.0, 0.4, 0, g).tolist()) == {0}
+    assert set(pick_next_token(logits, 1.0, 1.0, 0, g).tolist()) == {0, 1, 2, 3}
+    assert set(pick_next_token(logits, 1.0, 1.0, 2, g).tolist()) == {0, 1}  # top-k 2
+
+
+def test_seed_repeats_exactly_and_groups_share_their_prompt(smollm2, prompts):
+    model, tok = smollm2
+    a = sample(model, tok, prompts[:2], group_size=4, max_new_tokens=10, seed=7)
+    b = sample(model, tok, prompts[:2], group_size=4, max_new_tokens=10, seed=7)
+    c = sample(model, tok, prompts[:2], group_size=4, max_new_tokens=10, seed=8)
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+    assert not torch.equal(a.response_ids, c.response_ids)
+    # rows i*G .. i*G+G-1 belong to prompt i; shared prefill = the same rows sampled from G copies
+    assert torch.equal(a.prompt_ids[:4], a.prompt_ids[:1].expand(4, -1))
+    copies = sample(model, tok, [prompts[0]] * 4 + [prompts[1]] * 4, group_size=1, max_new_tokens=10, seed=7)
+    assert torch.equal(a.response_ids, copies.response_ids)
+
+
+def test_stop_tokens_and_length_limit(smollm2, prompts):
+    model, tok = smollm2
+    stops = set(stop_token_ids(tok))
+    r = sample(model, tok, prompts, group_size=2, max_new_tokens=48, temperature=0.7, seed=0)
+    for i in range(len(r.texts)):
+        n = int(r.response_mask[i].sum())
+        if r.stopped[i]:
+            assert r.response_ids[i, n - 1].item() in stops  # the stop token is inside the mask
+            assert not set(r.response_ids[i, : n - 1].tolist()) & stops
+            assert (r.logprobs[i, n:] == 0).all() and (r.entropies[i, n:] == 0).all()
+        else:
+            assert n == 48
+    short = sample(model, tok, prompts[:1], max_new_tokens=3, temperature=0)
+    assert not short.stopped[0] and short.response_mask.sum().item() == 3
+
+
+def test_padded_vocab_rows_are_never_sampled(smollm2):
+    """Qwen pads its embedding matrix past the tokenizer's vocabulary: those ids must never appear."""
+    _, tok = smollm2
+    V = len(tok) + 64
+    model = Transformer.from_hf(tiny_hf_model("llama", vocab_size=V, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[len(tok) :] = 0
+        model.lm_head.weight[len(tok) :, 0] = 1e3  # make the padded rows overwhelmingly likely
+    r = sample(model, tok, ["hello"], group_size=4, max_new_tokens=8, seed=0)
+    assert r.response_ids.max().item() < len(tok)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+    ],
+)
+def test_bad_sampling_arguments(smollm2, kwargs, message):
+    model, tok = smollm2
+    args = dict(prompts=["hi"], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        sample(model, tok, **args)
