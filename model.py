@@ -22,6 +22,7 @@ Hugging Face's so the state dicts line up one to one and a checkpoint we save lo
     logits = model(input_ids)                        # (B, T) -> (B, T, V)
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -296,11 +297,11 @@ class Transformer(nn.Module):
 
     @property
     def device(self):
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self):
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     @staticmethod
     def from_hf(hf_model) -> "Transformer":
@@ -423,3 +424,36 @@ def save_pretrained(model: Transformer, tokenizer, folder: str):
         json.dump(cfg, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+# -----------------------------------------------------------------------------------------------
+# PPO's critic
+
+
+class Critic(nn.Module):
+    """A value model V(state) for PPO: our decoder with a scalar head in place of the LM head.
+
+    Started from the policy's weights (as veRL does), so it begins with the policy's understanding
+    of the text; it has its own parameters and optimiser, so its loss never moves the policy.
+    The value head starts at zero: the critic first predicts a return of 0 everywhere.
+    """
+
+    def __init__(self, policy: Transformer):
+        super().__init__()
+        self.body = copy.deepcopy(policy)
+        del self.body.lm_head  # (a tied head is only a reference to the embedding, which stays)
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @staticmethod
+    def from_policy(policy: Transformer) -> "Critic":
+        return Critic(policy).to(device=policy.device)
+
+    def forward(self, rollout):
+        """Values (N, R) at the rollout's response positions (the state before each response token)."""
+        ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
+        mask = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)
+        P = rollout.prompt_ids.shape[1]
+        h = self.body.hidden_states(ids, mask)[:, P - 1 : -1]  # (N, R, D), aligned with the log-probs
+        return self.value_head(h).squeeze(-1) * rollout.response_mask  # (N, R)

@@ -160,8 +160,13 @@ def _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=None):
-    """Sample `group_size` responses for each prompt (formatted strings). Returns a Rollout."""
+def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=None,
+           ignore_eos=False):
+    """Sample `group_size` responses for each prompt (formatted strings). Returns a Rollout.
+
+    ignore_eos=True never stops at an end token: every row gets exactly max_new_tokens tokens, all
+    inside the response mask (bench.py uses it so that we and `generate` make the same number of tokens).
+    """
     _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k)
     device = model.device
     generator = torch.Generator(device=device)
@@ -169,8 +174,9 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
         generator.seed()
     else:
         generator.manual_seed(seed)
-    stop_ids = torch.tensor(stop_token_ids(tokenizer), device=device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop_ids[0])
+    end_ids = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+    stop_ids = torch.tensor([] if ignore_eos else end_ids, dtype=torch.long, device=device)
     n_real_vocab = len(tokenizer)  # Qwen pads its embedding to a multiple of 128: those rows are never sampled
 
     # 1) tokenize and left-pad, so that every prompt ends in the same column
@@ -186,7 +192,9 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
     # 2) prefill each prompt once; only the last position's logits are needed to start decoding
-    cache = KVCache(model.config, B, P + max_new_tokens, device=device, dtype=model.dtype)
+    # under autocast (train.py's bfloat16 mode) the keys and values come out in the autocast dtype
+    cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
+    cache = KVCache(model.config, B, P + max_new_tokens, device=device, dtype=cache_dtype)
     h = model.hidden_states(prompt_ids, prompt_mask, cache)[:, -1:]  # (B, 1, D)
     logits = model.lm_head(h)[:, 0].float()  # (B, V)
 
