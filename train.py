@@ -101,6 +101,7 @@ class Config:
     gamma: float = 1.0
     lam: float = 1.0
     # --- evaluation (greedy pass@1 on held-out problems, at the start and at the end)
+    eval_task: str = ""  # "" = the test split of --task; or another task, e.g. math500 after training on MATH
     eval_problems: int = 128  # 0 = skip
     eval_every: int = 0  # also evaluate every this many steps; 0 = only start and end
     eval_batch: int = 64  # prompts per sampling batch in evaluation
@@ -356,7 +357,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     if problems is None:
         problems = load_problems(cfg.task, split="train", seed=cfg.seed)
-    held_out = load_problems(cfg.task, split="test", limit=cfg.eval_problems, seed=cfg.seed) if cfg.eval_problems else []
+    held_out = load_problems(cfg.eval_task or cfg.task, split="test", limit=cfg.eval_problems, seed=cfg.seed) if cfg.eval_problems else []
     start = 0
     if cfg.resume:
         state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
@@ -424,6 +425,8 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
                       "rollout_s": t_rollout, "step_s": time.time() - t_step}
             if critic is not None:
                 record["explained_variance"] = explained_variance(old_values, returns, mask)
+            if device.type == "cuda":  # the number to watch when sizing a run for your GPU
+                record["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             log_metrics(cfg.out_dir, record)
             bar.set_postfix(reward=f"{record['reward']:.2f}", H=f"{record['entropy']:.2f}", len=f"{record['length']:.0f}",
                             s=f"{record['step_s']:.0f}")

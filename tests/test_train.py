@@ -128,3 +128,59 @@ def test_bad_config_values_give_one_clear_message(argv, message):
 def test_unknown_task_is_named(tmp_path, tiny_folder):
     with pytest.raises(SystemExit, match="no-such-task"):
         train.main(["--model", tiny_folder, "--task", "no-such-task", "--out_dir", str(tmp_path), "--progress", "false"])
+
+
+# --- PPO with a critic (the paper's second algorithm) ------------------------------------------
+
+
+def test_critic_values_have_response_shape_and_their_loss_falls(tiny_folder):
+    from advantage import value_loss
+    from model import Critic
+    from rollout import sample
+
+    policy, tok = load_model(tiny_folder, device="cpu")
+    critic = Critic.from_policy(policy)
+    r = sample(policy, tok, ["Question: 1+1?\nAnswer:", "Question: 2*3?\nAnswer:"], group_size=3, max_new_tokens=5, seed=0)
+    returns = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])[:, None] * r.response_mask  # (N, R): fixed targets
+    opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        v = critic(r)
+        assert v.shape == r.response_ids.shape
+        loss, _ = value_loss(v, v.detach(), returns, r.response_mask, clip=10.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(p.grad is None for p in policy.parameters())  # the critic's loss never reaches the policy
+
+
+def test_ppo_learns_a_trivial_reward(tmp_path, tiny_folder):
+    cfg = tiny_config(tmp_path, tiny_folder, algo="ppo", alpha=0.1, steps=30, lr=1e-2, critic_lr=1e-2, critic_warmup=2,
+                      max_new_tokens=1, prompts_per_step=4, group_size=8)
+    train.train(cfg, reward_fn=is_digit)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
+    rewards = [r["reward"] for r in rows]
+    assert sum(rewards[:3]) / 3 < 0.4
+    assert sum(rewards[-3:]) / 3 > 0.9, rewards
+    for key in ["value_loss", "explained_variance", "value_clip_frac"]:
+        assert key in rows[-1], key
+
+
+def test_ppo_command_line_run_and_resume_restore_the_critic(tmp_path, tiny_folder):
+    out = tmp_path / "ppo"
+    args = ["--model", tiny_folder, "--algo", "ppo", "--alpha", "0.1", "--prompts_per_step", "2", "--group_size", "4",
+            "--max_new_tokens", "6", "--eval_problems", "0", "--dtype", "float32", "--progress", "false", "--critic_warmup", "1"]
+    train.main(args + ["--out_dir", str(out), "--steps", "2"])
+    assert os.path.getsize(out / "plots.png") > 1000
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert "critic" in state and "critic_optimizer" in state
+    # resume: an uninterrupted 3-step run equals 2 steps + 1 resumed step, critic included
+    train.main(args + ["--out_dir", str(tmp_path / "full"), "--steps", "3"])
+    train.main(["--resume", str(out / "checkpoint"), "--steps", "3", "--out_dir", str(out)])
+    a = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    b = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for k in a["critic"]:
+        assert torch.equal(a["critic"][k], b["critic"][k]), k
