@@ -369,7 +369,7 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ARITH_LEVELS = (1, 2, 3, 4)
 ARITH_DEFAULT_LEVEL = 2  # sums and products of 2..12: SmolLM2-135M starts near 55% greedy and learns it in minutes
 ARITH_DEFAULT_SIZE = {"train": 2000, "test": 200}
-ARITH_TEST_PERCENT = 20  # share of the problem space that belongs to the test split
+ARITH_TEST_PERCENT = 50  # share of the problem space in the test split: half, so level 2 has ~130 held-out problems
 
 
 def _gold_from(value) -> str:
@@ -598,8 +598,8 @@ def evaluate(model, tokenizer, problems, n, ks=None, temperature=0.6, top_p=0.95
     from rollout import format_prompt, sample
 
     ks = default_ks(n) if ks is None else sorted(set(ks))
-    if not problems:
-        raise ValueError("no problems to evaluate")
+    if not problems or batch_prompts < 1:
+        raise ValueError(f"need at least one problem and batch_prompts >= 1, got {len(problems)} and {batch_prompts}")
     for k in ks:
         pass_at_k(n, 0, k)  # raises a clear error for k > n before any sampling
     counts, records = [], []

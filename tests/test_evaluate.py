@@ -439,7 +439,7 @@ def solve(question):
 def test_arith_gold_answers_are_right_and_splits_disjoint(level):
     train = load_problems(f"arith:{level}", split="train", limit=500)
     test = load_problems(f"arith:{level}", split="test", limit=200)
-    assert len(test) >= 25 and len(train) >= 100
+    assert len(test) >= 25 and len(train) >= 50  # level 1 is small: 86 train, 69 test problems
     for p in train + test:
         value, _ = solve(p.question)
         assert int(p.answer) == value >= 0, p
