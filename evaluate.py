@@ -34,7 +34,6 @@ import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
-from urllib.parse import urlparse
 
 # -----------------------------------------------------------------------------------------------
 # Grading: extract the final answer from a response, normalise it, compare it with the gold one.
@@ -398,20 +397,11 @@ def _rows_to_problems(rows, name, question_field=None, answer_field=None) -> lis
     ]
 
 
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    import socket
-
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_hub(name: str, split: str):
     import datasets
     import huggingface_hub.constants as hub
+
+    from model import hub_reachable
 
     repo, config, splits = HUB_TASKS[name]
     if split not in splits:
@@ -419,7 +409,7 @@ def _load_hub(name: str, split: str):
     # Without a network `datasets` retries five times with back-off (about 25 s) before it fails.
     # One quick probe decides instead; offline, we switch both libraries to their offline mode for
     # this call, which still reads a copy that is already in the cache.
-    offline = datasets.config.HF_HUB_OFFLINE or not _hub_reachable(hub.ENDPOINT)
+    offline = datasets.config.HF_HUB_OFFLINE or not hub_reachable(hub.ENDPOINT)
     saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = offline
     try:

@@ -49,3 +49,38 @@ def smollm2(smollm2_hf):
 
     hf_model, tokenizer = smollm2_hf
     return Transformer.from_hf(hf_model).eval(), tokenizer
+
+
+CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=?:.,\n")
+
+
+def char_tokenizer():
+    """A character-level tokenizer of ~80 symbols: a tiny model over it learns in seconds."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with a character tokenizer, saved as a Hugging Face folder."""
+    tok = char_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny")
+    hf = tiny_hf_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64)
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def one_thread():
+    """A model this small is all thread hand-offs: on 2 busy cores one thread ran such tests 5x faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,11 +6,11 @@ import statistics
 from html.parser import HTMLParser
 
 import pytest
-import torch
-from test_train import tiny_folder  # noqa: F401 - the fixture: a tiny random Llama with a character tokenizer
 
 import entropy_view as ev
 from entropy_view import Answer, entropy_stats, match_words, render_ansi, render_html
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 # -----------------------------------------------------------------------------------------------
 # Matching words to tokens: one line per case
@@ -167,16 +167,9 @@ def test_ansi_colours_each_token_and_neutralises_terminal_escapes():
 # The command line
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small is all thread hand-offs: one thread is faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def test_command_line_end_to_end(tmp_path, tiny_folder, capsys):  # noqa: F811
+def test_command_line_end_to_end(tmp_path, tiny_folder, capsys):
     from model import load_model
     from evaluate import load_problems
     from rollout import format_prompt, sample

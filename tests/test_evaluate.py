@@ -401,7 +401,9 @@ def test_unreachable_hub_fails_fast_with_one_sentence(monkeypatch):
     def no_network(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
 
-    monkeypatch.setattr(ev, "_hub_reachable", lambda *a, **k: False)
+    import model
+
+    monkeypatch.setattr(model, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(datasets, "load_dataset", no_network)
     before = datasets.config.HF_HUB_OFFLINE
     with pytest.raises(ValueError) as err:
@@ -485,7 +487,7 @@ def test_evaluate_bookkeeping_with_a_scripted_sampler(monkeypatch, tmp_path):
             p = next(p for p in problems if prompt.endswith(p.question))
             texts += [f"\\boxed{{{p.answer}}}" if j < right[p.question] else r"\boxed{0}" for j in range(group_size)]
             lengths += [2 + j for j in range(group_size)]
-        N, R = len(texts), max(lengths)
+        R = max(lengths)
         mask = torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lengths])
         return rollout.Rollout(None, None, None, mask, None, 0.5 * mask, torch.tensor([n < R for n in lengths]), texts, group_size)
 

@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import tiny_folder  # noqa: F401 - the fixture: a tiny random Llama with a character tokenizer
 
 import experiment
 import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def argv_for(folder, out, *extra):
@@ -20,17 +21,8 @@ def argv_for(folder, out, *extra):
             "--dtype", "float32", "--device", "cpu", "--progress", "false", "--lr", "1e-3", *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small is all thread hand-offs: on 2 busy cores one thread ran this file 5x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def done(tmp_path_factory, tiny_folder):  # noqa: F811
+def done(tmp_path_factory, tiny_folder):
     """One finished experiment, shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("experiment") / "grpo"
     experiment.main(argv_for(tiny_folder, out))
@@ -84,7 +76,7 @@ def test_the_two_runs_differ_only_in_alpha(done):
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(done, out)
     # 1) everything done: no training and no sampling happen
@@ -105,7 +97,7 @@ def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny
     assert evaluated == [str(out / "eval_entropy")]
 
 
-def test_other_training_settings_are_refused_and_other_eval_settings_redo_the_evaluation(done, tiny_folder, tmp_path,  # noqa: F811
+def test_other_training_settings_are_refused_and_other_eval_settings_redo_the_evaluation(done, tiny_folder, tmp_path,
                                                                                        monkeypatch):
     with pytest.raises(SystemExit, match=r"plain was trained with other settings \(max_new_tokens: 6 there, 7 now\)"):
         experiment.main(argv_for(tiny_folder, done, "--max_new_tokens", "7"))

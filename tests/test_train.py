@@ -5,37 +5,12 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_hf_model
 
 import train
-from model import Transformer, load_model
+from model import load_model
 from train import Config
 
-
-CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=?:.,\n")
-
-
-def char_tokenizer():
-    """A character-level tokenizer of ~80 symbols: a tiny model over it learns in seconds."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random Llama with a character tokenizer, saved as a Hugging Face folder."""
-    tok = char_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny")
-    hf = tiny_hf_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64)
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def tiny_config(tmp_path, folder, **kw):
