@@ -137,6 +137,12 @@ def test_padded_vocab_rows_are_never_sampled(smollm2):
         model.lm_head.weight[len(tok) :, 0] = 1e3  # make the padded rows overwhelmingly likely
     r = sample(model, tok, ["hello"], group_size=4, max_new_tokens=8, seed=0)
     assert r.response_ids.max().item() < len(tok)
+    # the recorded entropies stay finite and equal the training forward's (full softmax) values
+    assert torch.isfinite(r.entropies).all() and torch.isfinite(r.logprobs).all()
+    with torch.no_grad():
+        logp, ent = score_responses(model, r, 1.0)
+    # (log-probs here are near -1000, next to the huge padded logits: compare them relatively)
+    assert torch.allclose(logp, r.logprobs, rtol=1e-5, atol=1e-4) and torch.allclose(ent, r.entropies, atol=1e-4)
 
 
 @pytest.mark.parametrize(
