@@ -116,10 +116,10 @@ def test_critic_values_have_response_shape_and_their_loss_falls(tiny_folder):
     policy, tok = load_model(tiny_folder, device="cpu")
     critic = Critic.from_policy(policy)
     r = sample(policy, tok, ["Question: 1+1?\nAnswer:", "Question: 2*3?\nAnswer:"], group_size=3, max_new_tokens=5, seed=0)
-    returns = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])[:, None] * r.response_mask  # (N, R): fixed targets
-    opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    returns = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])[:, None] * r.response_mask  # (N, R): one return per prompt
+    opt = torch.optim.AdamW(critic.parameters(), lr=2e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(20):
         v = critic(r)
         assert v.shape == r.response_ids.shape
         loss, _ = value_loss(v, v.detach(), returns, r.response_mask, clip=10.0)
@@ -127,7 +127,7 @@ def test_critic_values_have_response_shape_and_their_loss_falls(tiny_folder):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.25 * losses[0], losses
     assert all(p.grad is None for p in policy.parameters())  # the critic's loss never reaches the policy
 
 
