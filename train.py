@@ -197,7 +197,7 @@ def batches_of_problems(problems, batch_size: int, seed: int, step: int):
 # One training step
 
 
-def compute_advantages(cfg, rollout: Rollout, rewards, critic=None, values=None):
+def compute_advantages(cfg, rollout: Rollout, rewards, values=None):
     """Per-token advantages (N, R) before the entropy term, and PPO's returns (or None)."""
     mask = rollout.response_mask
     if cfg.algo == "grpo":
@@ -411,7 +411,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
                 ref_logprobs = score_all(lambda r: score_responses(ref_model, r, cfg.temperature)[0], rollout, cfg.micro_batch, autocast)
             if critic is not None:
                 old_values = score_all(critic, rollout, cfg.micro_batch, autocast)  # (N, R)
-            adv, returns = compute_advantages(cfg, rollout, rewards, critic, old_values)
+            adv, returns = compute_advantages(cfg, rollout, rewards, old_values)
             # 5) update: the actor (after the critic's warm-up, for PPO) and the critic
             stats = update(cfg, model, optimizer, rollout, adv, old_logprobs, ref_logprobs, autocast, critic, critic_opt,
                            returns, old_values, train_actor=cfg.algo == "grpo" or step >= cfg.critic_warmup)
