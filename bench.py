@@ -1,62 +1,64 @@
 """
 bench.py -- how fast and how lean our sampler and training step are, against `transformers`.
 
-    python bench.py                      # CPU, SmolLM2-135M, rows 1-4 (under 10 minutes on 2 cores)
-    python bench.py --quick              # every row at toy sizes on a tiny random model (under a minute)
-    python bench.py --device cuda        # row 5: the Qwen2.5-0.5B shape with random weights, bf16
-    python bench.py --device cuda --compile   # row 5 also times the CUDA-graph decode step
+    python bench.py                  # CPU: SmolLM2-135M, rows 1-4 (under 10 minutes on 2 cores)
+    python bench.py --quick          # rows 1-4 at toy sizes on a tiny random model (under a minute)
+    python bench.py --device cuda    # row 5: the Qwen2.5-0.5B shape with random weights, bfloat16
+    python bench.py --device cuda --quick    # row 5 at toy sizes: a smoke test before the real run
 
-Each row runs two things in the same process, on the same weights and the same batch: ours and the
+Every row runs two things in one process, on the same weights and the same batch: ours, and the
 obvious alternative. Each is warmed up, then the two are timed in turn (A, B, A, B, ...) so that a
-busy machine slows both alike, and we report the medians. The absolute numbers depend on the
-machine; the ratio is the result. The table is printed and written as JSON (--out).
+busy machine slows both alike, and we report medians. The absolute numbers depend on the machine;
+the ratio is the result. The table is printed and written as JSON (--out).
 
     1   sampler vs transformers' generate: 2 prompts x 8 samples, 128 new tokens, EOS ignored
     2   shared prefill (each prompt once, its KV cache copied to its G rows) vs per-row prefill
     3   KV cache vs recomputing the whole sequence every step, at 64 and at 256 new tokens
     4   training step (our forward at response positions, chunked logits, GRPO loss, backward) vs
         transformers' model with full logits -> log_softmax -> gather -> the same loss: time, peak memory
-    5   CUDA only: rows 1 and 4 for the Qwen2.5-0.5B architecture with random weights in bfloat16
-        (the config is written below: nothing to download), 64 rows x 512 new tokens
+    5   CUDA only, the Qwen2.5-0.5B architecture with random weights in bfloat16 (the config is
+        written below: nothing to download): row 1 at 64 rows x 512 new tokens, the same with each
+        decode step replayed as a CUDA graph (sample(cuda_graph=True)), and row 4 for one micro-batch
 
-Simplifications: the rows that need no real text (quick mode, row 5) use random weights and a
-tokenizer with one token per byte, built here in a few lines, so they run with no download. Row 4's
-rollout is random tokens with ragged prompt and response lengths: speed and memory do not depend on
-what the tokens say.
+Simplifications: the rows on random weights (quick mode, row 5) use a tokenizer with one token per
+byte, built here in a few lines, so nothing is downloaded. Row 4's rollout is random tokens with
+ragged lengths: speed and memory do not depend on what the tokens say.
 """
 
 import argparse
-import copy
+import ctypes
+import gc
 import json
-import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
 from advantage import policy_loss
-from model import KVCache, Transformer, _hf_load, _smollm2_gguf
+from model import Transformer, _hf_load, _smollm2_gguf
 from rollout import Rollout, logprobs_and_entropy, pick_next_token, sample, score_responses
 
 # -----------------------------------------------------------------------------------------------
-# Sizes: the full run and the toy run. One dict per mode keeps every number in one place.
+# Sizes of the full run and of the toy run (--quick), all in one place
 
 FULL = dict(
     r1_prompts=2, r1_group=8, r1_prompt_len=60, r1_new=128, r1_repeats=3,
-    r2_prompts=4, r2_prompt_len=256, r2_group=8, r2_new=32, r2_repeats=3,
-    r3_rows=1, r3_prompt_len=32, r3_new=(64, 256), r3_repeats=(3, 1),
-    r4_rows=16, r4_prompt_len=64, r4_response_len=192, r4_repeats=2,
+    r2_prompts=4, r2_group=8, r2_prompt_len=256, r2_new=32, r2_repeats=2,
+    r3_prompt_len=32, r3_new=(64, 256), r3_repeats=(3, 1),
+    r4_rows=16, r4_prompt_len=64, r4_response_len=192, r4_repeats=3,
     r5_prompts=8, r5_group=8, r5_prompt_len=64, r5_new=512, r5_repeats=3, r5_train_rows=8,
 )
 QUICK = dict(
     r1_prompts=2, r1_group=2, r1_prompt_len=12, r1_new=8, r1_repeats=2,
-    r2_prompts=2, r2_prompt_len=24, r2_group=2, r2_new=4, r2_repeats=2,
-    r3_rows=1, r3_prompt_len=8, r3_new=(4, 8), r3_repeats=(2, 2),
+    r2_prompts=2, r2_group=2, r2_prompt_len=24, r2_new=4, r2_repeats=2,
+    r3_prompt_len=8, r3_new=(4, 8), r3_repeats=(2, 2),
     r4_rows=4, r4_prompt_len=8, r4_response_len=16, r4_repeats=2,
     r5_prompts=2, r5_group=2, r5_prompt_len=16, r5_new=8, r5_repeats=2, r5_train_rows=4,
 )
+TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 def qwen25_05b_config(**shrink):
@@ -67,13 +69,10 @@ def qwen25_05b_config(**shrink):
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
         rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},  # Qwen2 has q/k/v bias always
-    )
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )  # (Qwen2 always has a bias on q, k and v)
     cfg.update(shrink)
     return Qwen2Config(**cfg)
-
-
-TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -83,8 +82,8 @@ TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_lay
 def byte_tokenizer():
     """A tokenizer with one token per byte plus <|endoftext|> (id 256), made offline.
 
-    For random weights text means nothing, so any tokenizer will do as long as its ids fit the
-    vocabulary; this one needs no file, so the GPU machine downloads nothing.
+    On random weights text means nothing, so any tokenizer whose ids fit the vocabulary will do;
+    this one needs no file, so the GPU machine downloads nothing.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -97,7 +96,7 @@ def byte_tokenizer():
 
 
 def random_qwen(device, dtype, **shrink):
-    """(transformers model, our model) of the Qwen2.5 architecture with the same random weights."""
+    """(transformers model, our model) of the Qwen2.5 architecture, with the same random weights."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -107,28 +106,26 @@ def random_qwen(device, dtype, **shrink):
     return hf, Transformer.from_hf(hf).eval()
 
 
-def smollm2(device):
-    """(transformers model, our model, tokenizer) of SmolLM2-135M-Instruct, float32.
+def smollm2():
+    """(transformers model, our model, tokenizer) of SmolLM2-135M-Instruct, float32, on the CPU.
 
     Our model shares the weight tensors with transformers' (from_hf takes them, it does not copy):
-    that is fair for time, and the memory we report is what a step allocates, so it is fair there too.
+    that is fair for time, and the memory we report is what a step adds, so it is fair there too.
     """
     path = _smollm2_gguf()
     hf, tok = _hf_load(os.path.dirname(path), gguf_file=os.path.basename(path))
-    hf = hf.to(device).eval()
-    return hf, Transformer.from_hf(hf).eval(), tok
+    return hf.eval(), Transformer.from_hf(hf).eval(), tok
 
 
 def text_prompts(n, length, tokenizer, seed=0):
-    """n prompts of about `length` tokens each (lengths differ, so left padding is exercised)."""
+    """n prompts of about `length` tokens (4 fewer each, so that left padding is exercised)."""
     words = ("the farmer sells eggs at the market for three dollars a dozen and buys seed with "
              "half of what he earns how many dollars does he keep after two weeks of sales").split()
     g = torch.Generator().manual_seed(seed)
     prompts = []
     for i in range(n):
-        target = length - 4 * i  # a few tokens shorter each
         text = ""
-        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < target:
+        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < length - 4 * i:
             text += words[int(torch.randint(len(words), (1,), generator=g))] + " "
         prompts.append(text)
     return prompts
@@ -138,23 +135,18 @@ def text_prompts(n, length, tokenizer, seed=0):
 # Timing and memory
 
 
-def sync(device):
+def seconds(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def seconds(fn, device):
-    sync(device)
     start = time.perf_counter()
     fn()
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def compare_times(ours, baseline, repeats, device, warmup=True):
-    """Median seconds of ours() and baseline(), timed alternately after one warm-up call of each."""
-    if warmup:
-        ours(), baseline()
+def compare_times(ours, baseline, repeats, device):
+    """Median seconds of ours() and of baseline(), timed in turn (call them warm)."""
     t_ours, t_base = [], []
     for _ in range(repeats):
         t_ours.append(seconds(ours, device))
@@ -163,14 +155,13 @@ def compare_times(ours, baseline, repeats, device, warmup=True):
 
 
 def peak_memory(fn, device):
-    """Peak bytes of tensors that fn() allocates, above what was allocated before it (weights etc.).
+    """Peak memory that fn() adds, in bytes, above what was in use before it (weights etc.).
 
-    On CUDA the caching allocator counts this for us (max_memory_allocated). On CPU torch keeps no
-    such count, and the process's resident size is a poor stand-in: malloc keeps freed pages and
-    the model load leaves its own peak behind. So we run fn under the profiler with profile_memory,
-    which records the bytes each torch op allocates and frees, and replay those records in time
-    order: the running sum is the live-tensor curve, its maximum the peak. (Scratch memory an op
-    frees before it returns is not seen; it is small next to the tensors a training step keeps.)
+    On CUDA the caching allocator counts it for us (max_memory_allocated). On a CPU torch keeps no
+    such count, so we ask Linux for the process's peak resident memory (VmHWM in /proc/self/status,
+    which writing "5" to /proc/self/clear_refs resets to the current size). That follows the
+    tensors, scratch buffers inside ops included, only if freed memory goes back to the system at
+    once; see cpu_training_step_memory for how we make sure of that.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -179,23 +170,62 @@ def peak_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status("VmRSS")
+    fn()
+    return _proc_status("VmHWM") - before
 
 
-def result(row, what, ours, baseline, unit, target, higher_is_better=True, note=""):
-    """One table row. ratio: how many times better ours is (speed: ours/baseline or baseline/ours by
-    unit; memory: ours/baseline, where lower is better)."""
+def _proc_status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # in kB there
+    raise ValueError(f"/proc/self/status has no {key}: CPU memory is measured on Linux only")
+
+
+def cpu_training_step_memory(which, hf_config, N, P, R):
+    """Peak memory of one CPU training step, "ours" or "transformers", measured in a fresh process.
+
+    glibc's malloc keeps the memory of freed tensors below a size threshold (which it raises as
+    the program runs, up to 32 MB) in its heap, to reuse, and the process's resident size then
+    depends on fragmentation more than on what the step holds. So a child process first sets the
+    threshold to 64 kB, which makes every larger tensor come from the system and go back to it
+    when freed, then builds the model with random weights of the same shapes (memory does not
+    depend on their values) and measures one step. The parent's timings keep malloc's defaults.
+    """
+    config = {k: v for k, v in hf_config.to_dict().items() if k != "quantization_config"}
+    spec = json.dumps(dict(which=which, config=config, N=N, P=P, R=R))
+    code = f"import bench; bench._training_step_memory_child({spec!r})"
+    here = os.path.dirname(os.path.abspath(__file__))
+    child = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"measuring the memory of a training step failed:\n{child.stderr[-3000:]}")
+    return int(child.stdout.split()[-1])
+
+
+def _training_step_memory_child(spec):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    spec = json.loads(spec)
+    config = dict(spec["config"])
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).train()
+    ours = Transformer.from_hf(hf).train()
+    rollout = random_rollout(spec["N"], spec["P"], spec["R"], ours.config.vocab_size, torch.device("cpu"))
+    ours_step, hf_step = training_steps(ours, hf, rollout)
+    print(peak_memory(ours_step if spec["which"] == "ours" else hf_step, torch.device("cpu")))
+
+
+def result(row, what, ours, baseline, unit, target, note=""):
+    """One row of the table. ratio = how many times better ours is for speed (tok/s: ours/baseline;
+    seconds: baseline/ours), or ours/baseline for memory (MB), where lower is better."""
     ratio = ours / baseline if unit in ("tok/s", "MB") else baseline / ours
     goal = float(target.split()[-1].rstrip("x"))
-    met = ratio >= goal if higher_is_better else ratio <= goal
+    met = ratio <= goal if target.startswith("<=") else ratio >= goal
     return dict(row=row, what=what, ours=ours, baseline=baseline, unit=unit, ratio=ratio, target=target, met=met, note=note)
 
 
@@ -203,30 +233,31 @@ def result(row, what, ours, baseline, unit, target, higher_is_better=True, note=
 # The baselines we write ourselves
 
 
-def hf_generate(hf, tokenizer, prompts, group_size, new_tokens, temperature):
-    """transformers' generate on the same rows as sample(prompts, group_size): each prompt repeated
-    G times, left-padded; plain sampling (no top-k/top-p), EOS ignored so every row makes new_tokens."""
+def hf_generate(hf, tokenizer, prompts, group_size, new_tokens):
+    """transformers' generate on the rows sample(prompts, group_size) makes: each prompt G times,
+    left-padded; plain sampling at temperature 1 (no top-k/top-p), EOS ignored, so every row makes
+    new_tokens tokens. Returns a function that runs it."""
     from transformers import GenerationConfig
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids = enc["input_ids"].repeat_interleave(group_size, 0).to(hf.device)
     mask = enc["attention_mask"].repeat_interleave(group_size, 0).to(hf.device)
-    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
 
     def run():
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+            out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         assert out.shape[1] == ids.shape[1] + new_tokens, "generate stopped early: EOS was not ignored"
 
     return run
 
 
 @torch.no_grad()
-def sample_without_cache(model, prompt_ids, prompt_mask, new_tokens, temperature, seed=0):
-    """Row 3's baseline: the sampler's loop with no KV cache, so every step runs the whole sequence
-    so far through the model (O(T^2) over a response). Like sample(), it takes the last position's
-    logits only and records log-probs and entropies."""
+def sample_without_cache(model, prompt_ids, prompt_mask, new_tokens, temperature=1.0, seed=0):
+    """Row 3's baseline: the sampler's loop without a KV cache, so every step runs the whole
+    sequence so far through the model (O(T^2) over a response). Like sample(), it makes the logits
+    of the last position only and records log-probs and entropies. Returns the tokens (N, new_tokens)."""
     generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
     ids, mask = prompt_ids, prompt_mask
     tokens = []
@@ -237,51 +268,47 @@ def sample_without_cache(model, prompt_ids, prompt_mask, new_tokens, temperature
         tokens.append(token)
         ids = torch.cat([ids, token[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
-    return torch.stack(tokens, 1)  # (N, new_tokens)
+    return torch.stack(tokens, 1)
 
 
 def random_rollout(n, prompt_len, response_len, vocab, device, seed=0):
-    """A rollout of random tokens, prompts left-padded to prompt_len and responses right-padded to
-    response_len, with ragged lengths between half and all of each (as real rollouts are)."""
+    """A rollout of random tokens: prompts left-padded to prompt_len, responses right-padded to
+    response_len, each between half and all of that long (real rollouts are ragged too)."""
     g = torch.Generator().manual_seed(seed)
     p_len = torch.randint(prompt_len // 2, prompt_len + 1, (n,), generator=g)
     r_len = torch.randint(response_len // 2, response_len + 1, (n,), generator=g)
     p_len[0], r_len[0] = prompt_len, response_len  # the longest row sets the padded shape
-    cols_p, cols_r = torch.arange(prompt_len), torch.arange(response_len)
-    prompt_mask = (cols_p[None] >= prompt_len - p_len[:, None]).long()  # (N, P) left padding
-    response_mask = (cols_r[None] < r_len[:, None]).float()  # (N, R) right padding
-    r = Rollout(
-        prompt_ids=torch.randint(vocab, (n, prompt_len), generator=g) * prompt_mask,
-        prompt_mask=prompt_mask,
-        response_ids=torch.randint(vocab, (n, response_len), generator=g) * response_mask.long(),
-        response_mask=response_mask,
-        logprobs=torch.zeros(n, response_len),
-        entropies=torch.zeros(n, response_len),
-        stopped=torch.ones(n, dtype=torch.bool),
+    prompt_mask = (torch.arange(prompt_len)[None] >= prompt_len - p_len[:, None]).long()  # (N, P)
+    response_mask = (torch.arange(response_len)[None] < r_len[:, None]).float()  # (N, R)
+    return Rollout(
+        prompt_ids=(torch.randint(vocab, (n, prompt_len), generator=g) * prompt_mask).to(device),
+        prompt_mask=prompt_mask.to(device),
+        response_ids=(torch.randint(vocab, (n, response_len), generator=g) * response_mask.long()).to(device),
+        response_mask=response_mask.to(device),
+        logprobs=torch.zeros(n, response_len, device=device),
+        entropies=torch.zeros(n, response_len, device=device),
+        stopped=torch.ones(n, dtype=torch.bool, device=device),
         texts=[""] * n,
         group_size=1,
     )
-    for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "entropies", "stopped"):
-        setattr(r, field, getattr(r, field).to(device))
-    return r
 
 
-def training_steps(ours, hf, rollout, temperature=1.0):
+def training_steps(ours, hf, rollout):
     """(our step, transformers' step): forward, the GRPO loss on the response tokens, backward.
 
     Advantages are random (one per response, as GRPO's); the old log-probs are the current ones,
-    as on the first update after a rollout, so the PPO ratio starts at 1.
+    as on the first update after a rollout, so the PPO ratio starts at 1. Temperature 1.
     """
-    g = torch.Generator().manual_seed(1)
     N, P = rollout.prompt_ids.shape
+    g = torch.Generator().manual_seed(1)
     adv = torch.randn(N, 1, generator=g).to(rollout.logprobs.device).expand_as(rollout.logprobs)  # (N, R)
     mask = rollout.response_mask
     with torch.no_grad():
-        old = score_responses(ours, rollout, temperature)[0]  # (N, R)
+        old = score_responses(ours, rollout)[0]  # (N, R)
 
     def ours_step():
         ours.zero_grad(set_to_none=True)
-        logp, _ = score_responses(ours, rollout, temperature)  # (N, R): response positions only
+        logp, _ = score_responses(ours, rollout)  # (N, R): logits at response positions only, in chunks
         policy_loss(logp, old, adv, mask)[0].backward()
 
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
@@ -290,7 +317,7 @@ def training_steps(ours, hf, rollout, temperature=1.0):
     def hf_step():
         hf.zero_grad(set_to_none=True)
         logits = hf(input_ids=ids, attention_mask=attn).logits  # (N, P + R, V): every position
-        logp = torch.log_softmax(logits.float() / temperature, -1)[:, P - 1 : -1]  # (N, R, V)
+        logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1]  # (N, R, V)
         logp = logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)  # (N, R)
         policy_loss(logp, old, adv, mask)[0].backward()
 
@@ -302,61 +329,87 @@ def training_steps(ours, hf, rollout, temperature=1.0):
 
 
 def row_sampler(row, hf, model, tok, n_prompts, G, prompt_len, new, repeats, target, device):
+    """Row 1 (and 5a): tokens per second of sample() and of generate() on the same rows."""
     prompts = text_prompts(n_prompts, prompt_len, tok)
-    ours = lambda: sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=1.0, ignore_eos=True)  # noqa: E731
-    base = hf_generate(hf, tok, prompts, G, new, 1.0)
-    t_ours, t_base = compare_times(ours, base, repeats, device)
+    ours = lambda k: lambda: sample(model, tok, prompts, group_size=G, max_new_tokens=k, ignore_eos=True)  # noqa: E731
+    base = lambda k: hf_generate(hf, tok, prompts, G, k)  # noqa: E731
+    ours(4)(), base(4)()  # warm-up on a few tokens
+    t_ours, t_base = compare_times(ours(new), base(new), repeats, device)
     n_tokens = n_prompts * G * new
-    return result(row, f"sampler vs generate: {n_prompts} prompts of ~{prompt_len} tokens x {G}, {new} new tokens (tok/s)",
-                  n_tokens / t_ours, n_tokens / t_base, "tok/s", target)
+    what = f"sampler vs generate: {n_prompts} prompts of ~{prompt_len} tokens x {G}, {new} new tokens (tok/s)"
+    return result(row, what, n_tokens / t_ours, n_tokens / t_base, "tok/s", target), t_base
 
 
-def row_shared_prefill(hf, model, tok, S, device):
-    n, L, G, new, reps = S["r2_prompts"], S["r2_prompt_len"], S["r2_group"], S["r2_new"], S["r2_repeats"]
+def row_cuda_graph(hf, model, tok, S, t_generate, device):
+    """Row 5b: sample(cuda_graph=True) against the generate() time row 5a measured."""
+    n_prompts, G, new = S["r5_prompts"], S["r5_group"], S["r5_new"]
+    prompts = text_prompts(n_prompts, S["r5_prompt_len"], tok)
+    ours = lambda: sample(model, tok, prompts, group_size=G, max_new_tokens=new, ignore_eos=True, cuda_graph=True)  # noqa: E731
+    what = f"CUDA-graph sampler vs generate: {n_prompts} prompts x {G}, {new} new tokens (tok/s)"
+    try:
+        ours()  # warm-up
+        t_ours = statistics.median(seconds(ours, device) for _ in range(S["r5_repeats"]))
+    except Exception as e:  # an optional path: say why it failed and let the other rows stand
+        print(f"row 5b (cuda_graph=True) failed: {type(e).__name__}: {e}")
+        return result("5b", what + " FAILED", float("nan"), new * n_prompts * G / t_generate, "tok/s", ">= 4.0x",
+                      note=f"failed: {type(e).__name__}: {str(e)[:200]}")
+    n_tokens = n_prompts * G * new
+    return result("5b", what, n_tokens / t_ours, n_tokens / t_generate, "tok/s", ">= 4.0x")
+
+
+def row_shared_prefill(model, tok, S, device):
+    """Row 2: B prompts x G samples with one prefill per prompt, against the same rows each prefilled."""
+    n, G, L, new, repeats = S["r2_prompts"], S["r2_group"], S["r2_prompt_len"], S["r2_new"], S["r2_repeats"]
     prompts = text_prompts(n, L, tok)
-    per_row = [p for p in prompts for _ in range(G)]  # the same rows, each prompt G times
+    per_row = [p for p in prompts for _ in range(G)]  # the same rows: each prompt G times, in group order
     run = lambda ps, g, k: lambda: sample(model, tok, ps, group_size=g, max_new_tokens=k, ignore_eos=True)  # noqa: E731
-    t_ours, t_base = compare_times(run(prompts, G, new), run(per_row, 1, new), reps, device)
-    # the prefill's share of the per-row rollout: the same call with a single new token
-    _, t_prefill = compare_times(run(prompts, G, 1), run(per_row, 1, 1), reps, device, warmup=False)
-    share = t_prefill / t_base
-    ideal = 1 / (1 - share * (1 - 1 / G))  # if only the prefill got G times cheaper
-    return result("2", f"shared vs per-row prefill: {n} prompts of ~{L} tokens x {G}, {new} new tokens (s)",
-                  t_ours, t_base, "s", ">= 1.0x",
-                  note=f"prefill is {share:.0%} of the per-row rollout; {ideal:.2f}x if only the prefill shrank")
+    run(prompts, G, 2)(), run(per_row, 1, 2)()  # warm-up
+    t_ours, t_base = compare_times(run(prompts, G, new), run(per_row, 1, new), repeats, device)
+    # the prefill's share of each rollout: the same call making a single token is (almost) all prefill
+    t_ours_1, t_base_1 = compare_times(run(prompts, G, 1), run(per_row, 1, 1), 1, device)
+    share = t_base_1 / t_base
+    note = (f"prefill is {share:.0%} of the per-row rollout and {t_ours_1 / t_ours:.0%} of ours; "
+            f"sharing it can save at most {share * (1 - 1 / G):.0%} of the time, a ratio of {1 / (1 - share * (1 - 1 / G)):.2f}x")
+    what = f"shared vs per-row prefill: {n} prompts of ~{L} tokens x {G}, {new} new tokens (s)"
+    return result("2", what, t_ours, t_base, "s", ">= 1.0x", note=note)
 
 
-def row_kv_cache(hf, model, tok, S, device):
-    rows = []
-    prompts = text_prompts(S["r3_rows"], S["r3_prompt_len"], tok)
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+def row_kv_cache(model, tok, S, device):
+    """Row 3: sample() against the same loop without a cache, one prompt, two response lengths."""
+    prompts = text_prompts(1, S["r3_prompt_len"], tok)
+    enc = tok(prompts, return_tensors="pt", add_special_tokens=False)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    for new, reps, label in zip(S["r3_new"], S["r3_repeats"], "ab"):
-        ours = lambda: sample(model, tok, prompts, max_new_tokens=new, ignore_eos=True, seed=0)  # noqa: E731
-        base = lambda: sample_without_cache(model, ids, mask, new, 1.0)  # noqa: E731
-        # warm up on a few tokens only: the long baseline is the slowest thing in this file
-        sample_without_cache(model, ids, mask, 4, 1.0), ours()
-        t_ours, t_base = compare_times(ours, base, reps, device, warmup=False)
-        target = ">= 5.0x" if label == "b" else ">= 1.0x"
-        rows.append(result(f"3{label}", f"KV cache vs recompute: {S['r3_rows']} x ~{S['r3_prompt_len']}-token prompt, {new} new tokens (s)",
-                           t_ours, t_base, "s", target))
+    sample(model, tok, prompts, max_new_tokens=4, ignore_eos=True), sample_without_cache(model, ids, mask, 4)  # warm-up
+    rows = []
+    for new, repeats, label, target in zip(S["r3_new"], S["r3_repeats"], "ab", (">= 1.0x", ">= 5.0x")):
+        ours = lambda: sample(model, tok, prompts, max_new_tokens=new, ignore_eos=True)  # noqa: E731
+        base = lambda: sample_without_cache(model, ids, mask, new)  # noqa: E731
+        t_ours, t_base = compare_times(ours, base, repeats, device)
+        what = f"KV cache vs recompute: 1 prompt of {ids.shape[1]} tokens, {new} new tokens (s)"
+        rows.append(result(f"3{label}", what, t_ours, t_base, "s", target,
+                           note="" if repeats > 1 else "one run of each (the baseline alone takes about a minute)"))
     return rows
 
 
-def row_training(row, hf, model, N, P, R, repeats, device):
+def row_training(row, memory_row, hf, model, N, P, R, repeats, device):
+    """Rows 4a/4b (and 5c/5d): one training step, ours against transformers': time, peak memory."""
     rollout = random_rollout(N, P, R, model.config.vocab_size, device)
     model.train(), hf.train()
     ours_step, hf_step = training_steps(model, hf, rollout)
-    # the profiled call of each doubles as its warm-up
-    mem_ours, mem_base = peak_memory(ours_step, device), peak_memory(hf_step, device)
-    t_ours, t_base = compare_times(ours_step, hf_step, repeats, device, warmup=False)
+    if device.type == "cuda":  # the first call of each measures its memory and warms it up
+        mem_ours, mem_base = peak_memory(ours_step, device), peak_memory(hf_step, device)
+    else:
+        mem_ours = cpu_training_step_memory("ours", hf.config, N, P, R)
+        mem_base = cpu_training_step_memory("transformers", hf.config, N, P, R)
+        ours_step(), hf_step()  # warm-up
+    t_ours, t_base = compare_times(ours_step, hf_step, repeats, device)
     model.eval(), hf.eval()
     model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
-    shape = f"{N} x {P + R} tokens ({P} prompt + {R} response, ragged)"
+    shape = f"{N} x ({P} + {R}) tokens, ragged"
     return [
-        result(f"{row}a", f"training step vs transformers (full logits): {shape} (s)", t_ours, t_base, "s", ">= 1.0x"),
-        result(f"{row}b", f"training step peak memory vs transformers: {shape} (MB)", mem_ours / 2**20, mem_base / 2**20,
-               "MB", "<= 0.7x", higher_is_better=False),
+        result(row, f"training step vs transformers' (full logits): {shape} (s)", t_ours, t_base, "s", ">= 1.0x"),
+        result(memory_row, f"training step's peak memory vs transformers': {shape} (MB)",
+               mem_ours / 2**20, mem_base / 2**20, "MB", "<= 0.7x"),
     ]
 
 
@@ -364,59 +417,67 @@ def row_training(row, hf, model, N, P, R, repeats, device):
 # The run
 
 
+def progress(rows, start):
+    """One line per finished row while the run goes on (the table comes at the end)."""
+    for r in rows:
+        print(f"  row {r['row']:<3} ours {r['ours']:.4g} {r['unit']}, baseline {r['baseline']:.4g} {r['unit']}, "
+              f"{r['ratio']:.2f}x  ({time.time() - start:.0f} s so far)", flush=True)
+    return rows
+
+
 def print_table(rows):
-    head = f"{'row':<4} {'what':<86} {'ours':>10} {'baseline':>10} {'ratio':>7} {'target':>8} {'met?':>5}"
+    head = f"{'row':<4} {'what':<84} {'ours':>9} {'baseline':>9} {'ratio':>7} {'target':>8} {'met?':>5}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['row']:<4} {r['what']:<86} {r['ours']:>10.4g} {r['baseline']:>10.4g} {r['ratio']:>6.2f}x {r['target']:>8} {'yes' if r['met'] else 'NO':>5}")
+        print(f"{r['row']:<4} {r['what']:<84} {r['ours']:>9.4g} {r['baseline']:>9.4g} {r['ratio']:>6.2f}x "
+              f"{r['target']:>8} {'yes' if r['met'] else 'NO':>5}")
         if r["note"]:
             print(f"{'':<5}{r['note']}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu (rows 1-4, SmolLM2-135M) or cuda (row 5)")
-    parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model: every row in under a minute")
-    parser.add_argument("--compile", action="store_true", help="cuda: also time the CUDA-graph decode step")
+    parser = argparse.ArgumentParser(description="Speed and memory against transformers (see the docstring).")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 on SmolLM2-135M; cuda: row 5")
+    parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model, to check that every row runs")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU: run on a machine with one, or use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got '{args.device}'")
     S = QUICK if args.quick else FULL
     start = time.time()
     rows = []
     if device.type == "cpu":
         if args.quick:
-            hf, model = random_qwen(device, torch.float32, **TOY)
-            tok, model_name = byte_tokenizer(), "toy Qwen2 (random weights)"
+            (hf, model), tok, name = random_qwen(device, torch.float32, **TOY), byte_tokenizer(), "toy Qwen2 (random weights)"
         else:
-            hf, model, tok = smollm2(device)
-            model_name = "SmolLM2-135M-Instruct"
-        print(f"{model_name}, float32, {torch.get_num_threads()} threads")
-        rows.append(row_sampler("1", hf, model, tok, S["r1_prompts"], S["r1_group"], S["r1_prompt_len"], S["r1_new"],
-                                S["r1_repeats"], ">= 1.5x", device))
-        rows.append(row_shared_prefill(hf, model, tok, S, device))
-        rows += row_kv_cache(hf, model, tok, S, device)
-        rows += row_training("4", hf, model, S["r4_rows"], S["r4_prompt_len"], S["r4_response_len"], S["r4_repeats"], device)
+            (hf, model, tok), name = smollm2(), "SmolLM2-135M-Instruct"
+        print(f"{name}, float32, CPU with {torch.get_num_threads()} threads\n")
+        rows += progress([row_sampler("1", hf, model, tok, S["r1_prompts"], S["r1_group"], S["r1_prompt_len"], S["r1_new"],
+                                      S["r1_repeats"], ">= 1.5x", device)[0]], start)
+        rows += progress([row_shared_prefill(model, tok, S, device)], start)
+        rows += progress(row_kv_cache(model, tok, S, device), start)
+        rows += progress(row_training("4a", "4b", hf, model, S["r4_rows"], S["r4_prompt_len"], S["r4_response_len"],
+                                      S["r4_repeats"], device), start)
     else:
-        hf, model = random_qwen(device, torch.bfloat16, **(TOY if args.quick else {}))
-        tok, model_name = byte_tokenizer(), "Qwen2.5-0.5B architecture (random weights)" + (" toy" if args.quick else "")
-        print(f"{model_name}, bfloat16, {torch.cuda.get_device_name()}")
-        rows.append(row_sampler("5", hf, model, tok, S["r5_prompts"], S["r5_group"], S["r5_prompt_len"], S["r5_new"],
-                                S["r5_repeats"], ">= 2.0x", device))
-        rows += row_training("5", hf, model, S["r5_train_rows"], S["r5_prompt_len"], S["r5_new"], S["r5_repeats"], device)
+        (hf, model), tok = random_qwen(device, torch.bfloat16, **(TOY if args.quick else {})), byte_tokenizer()
+        name = "Qwen2.5-0.5B architecture (random weights)" if not args.quick else "toy Qwen2 (random weights)"
+        print(f"{name}, bfloat16, {torch.cuda.get_device_name()}\n")
+        row, t_generate = row_sampler("5a", hf, model, tok, S["r5_prompts"], S["r5_group"], S["r5_prompt_len"], S["r5_new"],
+                                      S["r5_repeats"], ">= 2.0x", device)
+        rows += progress([row], start)
+        rows += progress(row_training("5c", "5d", hf, model, S["r5_train_rows"], S["r5_prompt_len"], S["r5_new"],
+                                      S["r5_repeats"], device), start)
+        rows.insert(1, progress([row_cuda_graph(hf, model, tok, S, t_generate, device)], start)[0])  # last: a failed capture spoils nothing else
+    elapsed = time.time() - start
     print()
     print_table(rows)
-    elapsed = time.time() - start
     print(f"\n{elapsed:.0f} s in all; written to {args.out}")
     info = dict(
-        date=time.strftime("%Y-%m-%d"), device=str(device), model=model_name, quick=args.quick,
-        card=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
-        torch=torch.__version__, threads=torch.get_num_threads(), seconds=elapsed, rows=rows,
+        date=time.strftime("%Y-%m-%d"), model=name, quick=args.quick, torch=torch.__version__, threads=torch.get_num_threads(),
+        device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
+        seconds=elapsed, rows=rows,
     )
     with open(args.out, "w") as f:
         json.dump(info, f, indent=2)
