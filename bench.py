@@ -11,7 +11,8 @@ obvious alternative. Each is warmed up, then the two are timed in turn (A, B, A,
 busy machine slows both alike, and we report medians. The absolute numbers depend on the machine;
 the ratio is the result. The table is printed and written as JSON (--out).
 
-    1   sampler vs transformers' generate: 2 prompts x 8 samples, 128 new tokens, EOS ignored
+    1   sampler vs transformers' generate: 2 prompts x 8 samples, 128 new tokens, EOS ignored;
+        1b: the same with both models in bfloat16
     2   shared prefill (each prompt once, its KV cache copied to its G rows) vs per-row prefill
     3   KV cache vs recomputing the whole sequence every step, at 64 and at 256 new tokens
     4   training step (our forward at response positions, chunked logits, GRPO loss, backward) vs
@@ -26,6 +27,7 @@ ragged lengths: speed and memory do not depend on what the tokens say.
 """
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -186,38 +188,42 @@ def _proc_status(key):
     raise ValueError(f"/proc/self/status has no {key}: CPU memory is measured on Linux only")
 
 
-def cpu_training_step_memory(which, hf_config, N, P, R):
-    """Peak memory of one CPU training step, "ours" or "transformers", measured in a fresh process.
+def cpu_training_step_memory(hf_config, N, P, R):
+    """Peak memory of one CPU training step, ours and transformers', measured in a fresh process.
 
     glibc's malloc keeps the memory of freed tensors below a size threshold (which it raises as
     the program runs, up to 32 MB) in its heap, to reuse, and the process's resident size then
     depends on fragmentation more than on what the step holds. So a child process first sets the
-    threshold to 64 kB, which makes every larger tensor come from the system and go back to it
+    threshold to 1 MB, which makes every larger tensor come from the system and go back to it
     when freed, then builds the model with random weights of the same shapes (memory does not
-    depend on their values) and measures one step. The parent's timings keep malloc's defaults.
+    depend on their values) and measures a step of each. The parent's timings keep malloc's defaults.
+    Returns (ours, transformers') in bytes.
     """
     config = {k: v for k, v in hf_config.to_dict().items() if k != "quantization_config"}
-    spec = json.dumps(dict(which=which, config=config, N=N, P=P, R=R))
+    spec = json.dumps(dict(config=config, N=N, P=P, R=R))
     code = f"import bench; bench._training_step_memory_child({spec!r})"
     here = os.path.dirname(os.path.abspath(__file__))
     child = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True)
     if child.returncode != 0:
         raise RuntimeError(f"measuring the memory of a training step failed:\n{child.stderr[-3000:]}")
-    return int(child.stdout.split()[-1])
+    ours, transformers = child.stdout.split()[-2:]
+    return int(ours), int(transformers)
 
 
 def _training_step_memory_child(spec):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
     spec = json.loads(spec)
     config = dict(spec["config"])
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).train()
     ours = Transformer.from_hf(hf).train()
     rollout = random_rollout(spec["N"], spec["P"], spec["R"], ours.config.vocab_size, torch.device("cpu"))
     ours_step, hf_step = training_steps(ours, hf, rollout)
-    print(peak_memory(ours_step if spec["which"] == "ours" else hf_step, torch.device("cpu")))
+    ours_bytes = peak_memory(ours_step, torch.device("cpu"))
+    ours.zero_grad(set_to_none=True)  # (hf_step frees its own gradients, not ours)
+    print(ours_bytes, peak_memory(hf_step, torch.device("cpu")))
 
 
 def result(row, what, ours, baseline, unit, target, note=""):
@@ -336,7 +342,7 @@ def row_sampler(row, hf, model, tok, n_prompts, G, prompt_len, new, repeats, tar
     ours(4)(), base(4)()  # warm-up on a few tokens
     t_ours, t_base = compare_times(ours(new), base(new), repeats, device)
     n_tokens = n_prompts * G * new
-    what = f"sampler vs generate: {n_prompts} prompts of ~{prompt_len} tokens x {G}, {new} new tokens (tok/s)"
+    what = f"sampler vs generate, {str(model.dtype)[6:]}: {n_prompts} prompts of ~{prompt_len} tokens x {G}, {new} new tokens (tok/s)"
     return result(row, what, n_tokens / t_ours, n_tokens / t_base, "tok/s", target), t_base
 
 
@@ -363,7 +369,7 @@ def row_shared_prefill(model, tok, S, device):
     prompts = text_prompts(n, L, tok)
     per_row = [p for p in prompts for _ in range(G)]  # the same rows: each prompt G times, in group order
     run = lambda ps, g, k: lambda: sample(model, tok, ps, group_size=g, max_new_tokens=k, ignore_eos=True)  # noqa: E731
-    run(prompts, G, 2)(), run(per_row, 1, 2)()  # warm-up
+    run(prompts[:1], G, 2)(), run(per_row[:G], 1, 2)()  # warm-up
     t_ours, t_base = compare_times(run(prompts, G, new), run(per_row, 1, new), repeats, device)
     # the prefill's share of each rollout: the same call making a single token is (almost) all prefill
     t_ours_1, t_base_1 = compare_times(run(prompts, G, 1), run(per_row, 1, 1), 1, device)
@@ -399,9 +405,9 @@ def row_training(row, memory_row, hf, model, N, P, R, repeats, device):
     if device.type == "cuda":  # the first call of each measures its memory and warms it up
         mem_ours, mem_base = peak_memory(ours_step, device), peak_memory(hf_step, device)
     else:
-        mem_ours = cpu_training_step_memory("ours", hf.config, N, P, R)
-        mem_base = cpu_training_step_memory("transformers", hf.config, N, P, R)
-        ours_step(), hf_step()  # warm-up
+        mem_ours, mem_base = cpu_training_step_memory(hf.config, N, P, R)
+    # No separate warm-up on a CPU: a step this size takes its gigabytes afresh from the system
+    # every time, so a second call is no warmer than the first, and the median of 3 absorbs what is.
     t_ours, t_base = compare_times(ours_step, hf_step, repeats, device)
     model.eval(), hf.eval()
     model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
@@ -456,6 +462,11 @@ def main(argv=None):
         print(f"{name}, float32, CPU with {torch.get_num_threads()} threads\n")
         rows += progress([row_sampler("1", hf, model, tok, S["r1_prompts"], S["r1_group"], S["r1_prompt_len"], S["r1_new"],
                                       S["r1_repeats"], ">= 1.5x", device)[0]], start)
+        # 1b: the same with both models in bfloat16, which train.py picks on CPUs with native bf16
+        hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+        rows += progress([row_sampler("1b", hf16, Transformer.from_hf(hf16).eval(), tok, S["r1_prompts"], S["r1_group"],
+                                      S["r1_prompt_len"], S["r1_new"], S["r1_repeats"], ">= 1.5x", device)[0]], start)
+        del hf16
         rows += progress([row_shared_prefill(model, tok, S, device)], start)
         rows += progress(row_kv_cache(model, tok, S, device), start)
         rows += progress(row_training("4a", "4b", hf, model, S["r4_rows"], S["r4_prompt_len"], S["r4_response_len"],

@@ -214,7 +214,7 @@ def apply_rotary(x, cos, sin):
 
     x_i' = x_i cos - x_{i+hd/2} sin and x_{i+hd/2}' = x_{i+hd/2} cos + x_i sin. Rolling x by hd/2
     swaps its halves, and the minus lives in `sin`: one roll, two products and a sum (the usual
-    split / negate / concatenate takes twice as long on a CPU).
+    split / negate / concatenate takes up to twice as long on a CPU).
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
@@ -242,11 +242,17 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd): every key so far, this step's included
-        # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads.
+        # Grouped-query attention: each K/V head serves g = n_heads / n_kv_heads query heads.
+        g = self.cfg.n_heads // self.cfg.n_kv_heads
+        if T == 1 and g > 1 and attn_mask is not None:
+            # A decode step has one query per row, so the g query heads that share a K/V head can be
+            # stacked as g query positions of that head (all with the same mask): plain attention,
+            # no grouped-query path. That path is 6x slower for this shape on CPUs in bfloat16, and
+            # on GPUs can fall back to copying each K/V head g times.
+            y = F.scaled_dot_product_attention(q.reshape(B, -1, g, hd), k, v, attn_mask=attn_mask)  # (B, Hkv, g, hd)
+            return self.o_proj(y.reshape(B, 1, -1))
         # attn_mask None means "plain causal, no padding", which lets torch pick its fastest kernel.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.cfg.n_heads != self.cfg.n_kv_heads
-        )  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=g > 1)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

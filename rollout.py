@@ -114,7 +114,7 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     def chunk(h_part, tokens_part):
         return logprobs_and_entropy(model.lm_head(h_part), tokens_part, temperature)
 
-    logps, ents = [h.new_zeros(0, dtype=torch.float32)], [h.new_zeros(0, dtype=torch.float32)]
+    logps, ents = [h.new_zeros(0, dtype=torch.float32)], [h.new_zeros(0, dtype=torch.float32)]  # (so no tokens still cats)
     step = chunk_rows * real.shape[1]
     for i in range(0, tokens.shape[0], step):
         part = slice(i, i + step)
