@@ -166,15 +166,17 @@ class KVCache:
 # Building blocks
 
 
-def recompute_in_backward(fn, *inputs):
-    """fn(*inputs), but what autograd keeps for backward is only the inputs: the rest is recomputed.
+def maybe_recompute(on: bool, fn, *inputs):
+    """fn(*inputs); with `on` (and gradients), autograd keeps only the inputs and recomputes the rest.
 
     The cheap elementwise parts of a block (RMSNorm, SwiGLU's silu(gate) * up) would otherwise keep
     extra full-size tensors alive until backward: the normalised x of each norm, silu(gate) of
     each MLP. Recomputing them costs a few elementwise passes and saves 2 x (B, T, D) + (B, T, I)
-    per layer, a fifth of the training step's peak memory. Without gradients it is a plain call.
+    per layer, a fifth of the training step's peak memory. Worth it only where memory is short:
+    on an H100 the recomputation cost more time than the memory it freed was worth, so train.py's
+    `--recompute auto` turns it on only when a mini-batch would not fit otherwise.
     """
-    if torch.is_grad_enabled():
+    if on and torch.is_grad_enabled():
         return checkpoint(fn, *inputs, use_reentrant=False, preserve_rng_state=False)
     return fn(*inputs)
 
@@ -184,9 +186,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.recompute = True  # set for the whole model with Transformer.set_recompute
 
     def forward(self, x):
-        return recompute_in_backward(self._normalise, x)
+        return maybe_recompute(self.recompute, self._normalise, x)
 
     def _normalise(self, x):
         # Normalise in float32 even when the model runs in bfloat16: the mean of squares of a
@@ -262,10 +265,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.recompute = True
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, I) each
-        return self.down_proj(recompute_in_backward(swiglu, gate, up))
+        return self.down_proj(maybe_recompute(self.recompute, swiglu, gate, up))
 
 
 def swiglu(gate, up):
@@ -308,7 +312,15 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # trade compute for memory in training (recompute each block)
+        self.recompute = True  # recompute RMSNorm, SwiGLU and the LM head in backward (see set_recompute)
         self.hf_config = None  # the transformers config dict we came from; written back on save
+
+    def set_recompute(self, on: bool):
+        """Recompute the cheap parts in backward (RMSNorm, SwiGLU: see maybe_recompute; the LM head:
+        see rollout.score_responses) instead of keeping their outputs: less memory, a little more time."""
+        for m in self.modules():
+            if isinstance(m, (Transformer, RMSNorm, MLP)):
+                m.recompute = on
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
         """(B, T) token ids -> (B, T, D) final hidden states.

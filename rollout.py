@@ -20,6 +20,8 @@ distribution it was drawn from (the paper's H_t), both in nats at the sampling t
     r.texts, r.entropies, r.response_mask
 """
 
+import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -100,9 +102,10 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     2.5 GB for Qwen). We never make them for prompt positions, nor for the padding after a response
     that stopped early (often half of (N, R): R is the longest response). The real response tokens
     are taken out as one flat list, and their logits made `chunk_rows` rows' worth (chunk_rows * R
-    tokens) at a time inside torch.utils.checkpoint, which keeps only the hidden states for backward
-    and recomputes that chunk's logits there: one chunk of logits is alive at any moment, at the
-    price of one extra LM-head matmul in the backward pass.
+    tokens) at a time. With model.recompute (train.py's --recompute) each chunk runs inside
+    torch.utils.checkpoint, which keeps only the hidden states for backward and recomputes that
+    chunk's logits there: one chunk of logits is alive at any moment, at the price of one extra
+    LM-head matmul in the backward pass. Without it, backward keeps every chunk's logits.
     """
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)  # (N, P + R)
@@ -118,7 +121,7 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     step = chunk_rows * real.shape[1]
     for i in range(0, tokens.shape[0], step):
         part = slice(i, i + step)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and model.recompute:
             lp, en = checkpoint(chunk, h[part], tokens[part], use_reentrant=False)
         else:
             lp, en = chunk(h[part], tokens[part])
@@ -174,53 +177,128 @@ def _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k):
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
 
 
-def graphed_decode_step(model, cache, n_rows):
-    """One decode step, tokens (N,) -> logits (N, V), recorded once as a CUDA graph, then replayed.
+# -----------------------------------------------------------------------------------------------
+# The decode step on a GPU: recorded once as a CUDA graph, replayed every token
 
-    Why: a decode step of a small model is about a thousand small kernels, and launching them one
-    by one from Python takes longer than the GPU needs to run them. A CUDA graph records the
-    kernels of one step once and replays them all with a single launch. A graph fixes shapes and
-    memory addresses, so the tokens go in through a buffer we copy into, the logits come out in a
-    buffer the graph owns (overwritten by the next step), and the cache must be static (KVCache).
+# A decode step of a small model is about a thousand small kernels, and launching them one by one
+# from Python takes longer than the GPU needs to run them: measured on an H200, an eager step cost
+# ~100 ms whatever the batch, a replayed graph 6-12 ms. A CUDA graph records the kernels of one
+# step once and replays them with a single launch. It fixes shapes and memory addresses, so
+#   * the tokens go in through a buffer we copy into, the logits come out in a buffer the graph
+#     owns (overwritten by the next replay), and the KV cache is static (see KVCache);
+#   * a graph serves one (rows, cache length) shape. So that a whole run records a handful of graphs
+#     and not one per step, both are rounded up to buckets (rows to a power of two, the cache to a
+#     multiple of 256 slots); spare rows decode padding that nobody reads, and spare cache slots are
+#     masked out like padding. The graphs are kept per model and reused by every later call:
+#     training steps and evaluation batches of the same bucket replay the same graph.
+GRAPH_LENGTH_STEP = 256
+_GRAPHS = weakref.WeakKeyDictionary()  # model -> {(rows, length, dtype): DecodeGraph}; gone with the model
+CHECK_STOP_EVERY = {"cpu": 1, "cuda": 8}  # decode steps between "have all rows stopped?" checks (see sample)
+
+
+def graph_bucket(n_rows: int, length: int) -> tuple:
+    """(rows, cache length) of the graph that serves n_rows rows and `length` cache slots.
+
+    >>> graph_bucket(24, 300), graph_bucket(1024, 512)
+    ((32, 512), (1024, 512))
     """
-    tokens_in = torch.zeros(n_rows, 1, dtype=torch.long, device=cache.mask.device)
-    # One eager step first, on a side stream: libraries set themselves up lazily on first use,
-    # which is not allowed during a capture. Then undo it (its keys and values get overwritten).
-    position, mask = cache.position.clone(), cache.mask.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        model(tokens_in, cache=cache)
-    torch.cuda.current_stream().wait_stream(side)
-    cache.position.copy_(position)
-    cache.mask.copy_(mask)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits_out = model(tokens_in, cache=cache)[:, -1]  # recorded, not run: (N, V)
+    return 1 << (n_rows - 1).bit_length(), -(-length // GRAPH_LENGTH_STEP) * GRAPH_LENGTH_STEP
 
-    def step(tokens):
-        tokens_in.copy_(tokens[:, None])
-        graph.replay()
-        return logits_out
 
-    return step
+class DecodeGraph:
+    """One decode step of `rows` rows over a static cache of `length` slots, recorded as a CUDA graph.
+
+    load() puts a prefilled prompt cache in (each prompt's keys and values copied to its G rows),
+    step() replays the graph: tokens (N,) -> logits (N, V). record=False runs the same step eagerly
+    on the same static cache: what the tests compare on a CPU, where graphs do not exist.
+    """
+
+    def __init__(self, model, rows: int, length: int, dtype, record: bool = True):
+        device = model.device
+        self.cache = KVCache(model.config, rows, length, device=device, dtype=dtype, static=True)
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (rows, 1): the graph's input
+        self.record_seconds = 0.0
+        if not record:
+            self.graph, self.model = None, model
+            return
+        t0 = time.perf_counter()
+        # Under autocast, recording must not use autocast's cache of bfloat16 weight copies: that
+        # cache is freed when the `with` block ends, and the graph would go on reading freed memory
+        # (and never see the optimiser's updates). Without it the graph casts the float32 weights
+        # each replay: about 1 ms for 0.5B parameters on an H100, and always the current weights.
+        amp = torch.is_autocast_enabled("cuda")
+        amp_ctx = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False)
+        # One eager step first, on a side stream: libraries set themselves up lazily on first use,
+        # which is not allowed during a capture. It writes one slot and advances the cache; load()
+        # resets both before every use.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), amp_ctx:
+            model(self.tokens, cache=self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), amp_ctx:
+            self.logits = model(self.tokens, cache=self.cache)[:, -1]  # recorded, not run: (rows, V)
+        torch.cuda.synchronize()
+        self.record_seconds = time.perf_counter() - t0
+
+    def load(self, prompt_cache: KVCache, group_size: int):
+        """Row i*G+g of the static cache gets prompt i's keys, values and mask; every other slot is
+        masked out (left over from an earlier call, but never read), and the next slot is P."""
+        B, P, G = prompt_cache.mask.shape[0], prompt_cache.length, group_size
+        N = B * G
+        for static, prefilled in zip(self.cache.k + self.cache.v, prompt_cache.k + prompt_cache.v):
+            # (B, G, Hkv, P, hd) view of the first N rows <- (B, 1, Hkv, P, hd): no G-fold copy in between
+            static[:N].unflatten(0, (B, G))[:, :, :, :P].copy_(prefilled[:, None, :, :P])
+        self.cache.mask.zero_()
+        self.cache.mask[:N].unflatten(0, (B, G))[:, :, :P].copy_(prompt_cache.mask[:, None, :P])
+        self.cache.position.fill_(P)
+        self.cache.length = P
+        self.tokens.zero_()  # spare rows decode token 0 over an empty (all masked) prompt
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        N = tokens.shape[0]
+        self.tokens[:N, 0].copy_(tokens)
+        if self.graph is None:
+            return self.model(self.tokens, cache=self.cache)[:N, -1]
+        self.graph.replay()
+        return self.logits[:N]  # (N, V), a view of the graph's output buffer
+
+
+def decode_graph(model, n_rows: int, length: int, dtype) -> DecodeGraph:
+    """The model's graph for this bucket: recorded on first use, then reused."""
+    graphs = _GRAPHS.setdefault(model, {})
+    key = (*graph_bucket(n_rows, length), dtype)
+    if key not in graphs:
+        graphs[key] = DecodeGraph(model, key[0], key[1], dtype, record=model.device.type == "cuda")
+    return graphs[key]
+
+
+def graph_stats(model) -> dict:
+    """How many decode graphs this model has recorded, and the seconds that took (train.py logs it)."""
+    graphs = _GRAPHS.get(model, {})
+    return {"cuda_graphs": len(graphs), "graph_record_s": sum(g.record_seconds for g in graphs.values())}
+
+
+# -----------------------------------------------------------------------------------------------
+# The sampler
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, seed=None,
-           ignore_eos=False, cuda_graph=False):
+           ignore_eos=False, cuda_graph=None):
     """Sample `group_size` responses for each prompt (formatted strings). Returns a Rollout.
 
     ignore_eos=True never stops at an end token: every row gets exactly max_new_tokens tokens, all
     inside the response mask (bench.py uses it so that we and `generate` make the same number of tokens).
-    cuda_graph=True (CUDA only) replays each decode step as a CUDA graph (see graphed_decode_step):
-    several times faster for small models on a GPU; off by default because recording the graph
-    takes a moment and its static cache attends over every slot from the first step.
+    cuda_graph: None (default) = on for a model on a CUDA device, off elsewhere; True decodes over a
+    bucketed static cache and replays each step as a CUDA graph (see DecodeGraph); False decodes
+    eagerly. On a CPU, True runs the same static-cache path without recording (there are no graphs
+    there): the tests use it to check that path against the eager one.
     """
     _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k)
     device = model.device
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {device}); leave it off")
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -236,6 +314,7 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     if any(len(e) == 0 for e in encoded):
         raise ValueError("an empty prompt: every prompt needs at least one token")
     B, G, P = len(prompts), group_size, max(len(e) for e in encoded)
+    N = B * G
     prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros(B, P, dtype=torch.long)
     for i, e in enumerate(encoded):
@@ -246,39 +325,37 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     # 2) prefill each prompt once; only the last position's logits are needed to start decoding
     # under autocast (train.py's bfloat16 mode) the keys and values come out in the autocast dtype
     cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
-    cache = KVCache(model.config, B, P + max_new_tokens, device=device, dtype=cache_dtype, static=cuda_graph)
+    cache = KVCache(model.config, B, P if cuda_graph else P + max_new_tokens, device=device, dtype=cache_dtype)
     h = model.hidden_states(prompt_ids, prompt_mask, cache)[:, -1:]  # (B, 1, D)
-    logits = model.lm_head(h)[:, 0].float()  # (B, V)
+    logits = model.lm_head(h)[:, 0].float().repeat_interleave(G, dim=0)  # (N, V): each prompt's logits to its G rows
 
-    # 3) copy the prompt's cache (and its next-token logits) to its G sample rows
-    if G > 1:
-        cache = cache.repeat_interleave(G)
-        logits = logits.repeat_interleave(G, dim=0)  # (N, V)
-    N = B * G
+    # 3) copy the prompt's cache to its G sample rows: into a graph's static cache, or a G-fold copy
+    if cuda_graph:
+        graph = decode_graph(model, N, P + max_new_tokens, cache_dtype)
+        graph.load(cache, G)
+        step = graph.step
+    else:
+        cache = cache.repeat_interleave(G) if G > 1 else cache
+        step = lambda tokens: model(tokens[:, None], cache=cache)[:, -1]  # noqa: E731  (N,) -> (N, V)
 
     # 4) decode: one token per step for all rows, until every row has stopped
-    if cuda_graph:
-        step = graphed_decode_step(model, cache, N)
-    else:
-        step = lambda tokens: model(tokens[:, None], cache=cache)[:, -1]  # noqa: E731  (N,) -> (N, V)
     tokens, logps, ents = [], [], []
     done = torch.zeros(N, dtype=torch.bool, device=device)
+    check_every = CHECK_STOP_EVERY.get(device.type, 1)
     for t in range(max_new_tokens):
         # The record is of the full softmax, the same one training's forward recomputes; only the
-        # choice leaves out the padded vocabulary rows. (Masking `logits` itself would put -inf in
-        # the entropy's sum: 0 * -inf = NaN.)
-        choose_from = logits
-        if n_real_vocab < logits.shape[-1]:
-            choose_from = logits.clone()
-            choose_from[:, n_real_vocab:] = float("-inf")
-        token = pick_next_token(choose_from, temperature, top_p, top_k, generator)  # (N,)
+        # choice leaves out the padded vocabulary rows, by looking at a view without them.
+        token = pick_next_token(logits[:, :n_real_vocab], temperature, top_p, top_k, generator)  # (N,)
         logp, ent = logprobs_and_entropy(logits, token, temperature)  # (N,), (N,)
         token = token.masked_fill(done, pad_id)  # rows that already stopped only emit padding
         tokens.append(token)
         logps.append(logp.masked_fill(done, 0.0))
         ents.append(ent.masked_fill(done, 0.0))
         done = done | torch.isin(token, stop_ids)
-        if t == max_new_tokens - 1 or done.all():
+        # "Have all rows stopped?" makes the host wait for the device. On a GPU we ask every few
+        # steps and let the host queue the steps in between (the extra steps only emit padding, cut
+        # off below); on a CPU the answer is free and a wasted step is not.
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
             break
         logits = step(token)  # (N, V)
 
@@ -287,6 +364,8 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     is_stop = torch.isin(response_ids, stop_ids)  # (N, R)
     # the mask is 1 up to and including the first stop token: count stops strictly before t
     response_mask = ((is_stop.long().cumsum(-1) - is_stop.long()) == 0).float()  # (N, R)
+    R = int(response_mask.any(0).nonzero().max()) + 1  # steps decoded after every row had stopped hold only padding
+    response_ids, response_mask, logps, ents = response_ids[:, :R], response_mask[:, :R], logps[:R], ents[:R]
     stopped = is_stop.any(-1)
     texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(response_ids, response_mask)], skip_special_tokens=True)
     return Rollout(

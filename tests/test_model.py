@@ -85,6 +85,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+def test_recompute_on_and_off_give_the_same_gradients():
+    """--recompute only trades memory for time: RMSNorm, SwiGLU and the LM head's chunks recomputed
+    in backward must give the gradients of the plain path (and the same log-probs)."""
+    from bench import random_rollout
+    from rollout import score_responses
+
+    out = []
+    for on in (False, True):
+        model = Transformer.from_hf(tiny_hf_model("qwen2")).train()
+        model.set_recompute(on)
+        assert all(m.recompute is on for m in model.modules() if hasattr(m, "recompute"))
+        logp, ent = score_responses(model, random_rollout(6, 5, 9, 101, torch.device("cpu")), chunk_rows=2)
+        (logp.sum() + ent.sum()).backward()
+        out.append((logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.allclose(out[0][1], out[1][1], atol=1e-5)
+
+
 def test_saved_checkpoint_loads_in_transformers(tmp_path, smollm2):
     """A GGUF-loaded model cannot save_pretrained; our export can, and transformers reads it back."""
     from transformers import AutoModelForCausalLM

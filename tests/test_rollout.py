@@ -162,3 +162,47 @@ def test_bad_sampling_arguments(smollm2, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         sample(model, tok, **args)
+
+
+# --- the graph path's static, bucketed cache (on a CPU it runs without recording a graph) ------
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
+def test_static_bucketed_cache_equals_eager_decoding(smollm2, prompts, temperature, top_p):
+    """cuda_graph=True decodes 3 x 3 = 9 rows in a 16-row bucket over a cache rounded up to 256
+    slots; tokens must be identical and log-probs and entropies equal to float32 rounding."""
+    model, tok = smollm2
+    kw = dict(group_size=3, max_new_tokens=24, temperature=temperature, top_p=top_p, seed=11)
+    eager = sample(model, tok, prompts[:3], cuda_graph=False, **kw)
+    static = sample(model, tok, prompts[:3], cuda_graph=True, **kw)
+    assert torch.equal(eager.response_ids, static.response_ids) and eager.texts == static.texts
+    assert torch.equal(eager.response_mask, static.response_mask)
+    assert torch.allclose(eager.logprobs, static.logprobs, atol=1e-5)
+    assert torch.allclose(eager.entropies, static.entropies, atol=1e-5)
+
+
+def test_one_graph_per_bucket_is_reused_across_calls(prompts):
+    """Calls whose rows and lengths fall in the same bucket share one static cache (on CUDA, one
+    recorded graph); a stale cache from a longer earlier call must not leak into a later one."""
+    import rollout
+
+    model = Transformer.from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
+    tok = _char_tok()
+    long_first = sample(model, tok, ["7*8=?" * 9, "1+1"], group_size=4, max_new_tokens=30, seed=0, cuda_graph=True)
+    assert len(rollout._GRAPHS[model]) == 1
+    for rows, new in [(6, 20), (7, 5), (8, 30)]:  # all in the (8 rows, 256 slots) bucket
+        qs = ["2+2", "3*3=?"][: 1 + (rows > 4)]
+        g = rows // len(qs)
+        a = sample(model, tok, qs, group_size=g, max_new_tokens=new, seed=rows, cuda_graph=True)
+        b = sample(model, tok, qs, group_size=g, max_new_tokens=new, seed=rows, cuda_graph=False)
+        assert torch.equal(a.response_ids, b.response_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert len(rollout._GRAPHS[model]) == 1 and long_first.response_ids.shape[0] == 8
+    sample(model, tok, ["2+2"], group_size=9, max_new_tokens=4, seed=0, cuda_graph=True)  # 9 rows: a 16-row bucket
+    assert sorted(k[:2] for k in rollout._GRAPHS[model]) == [(8, 256), (16, 256)]
+    assert rollout.graph_stats(model)["cuda_graphs"] == 2
+
+
+def _char_tok():
+    from conftest import char_tokenizer
+
+    return char_tokenizer()
