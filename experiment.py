@@ -84,6 +84,8 @@ def parse(argv) -> tuple:
     base = Config(**{**CPU_DEMO, "out_dir": os.path.join("runs", "experiment", algo), **overrides})
     base = dataclasses.replace(base, alpha=overrides.get("alpha", train.DEFAULT_ALPHA.get(algo, 0.4)))  # the paper's
     train.check_config(train.resolve_defaults(base))
+    if os.path.exists(base.out_dir) and not os.path.isdir(base.out_dir):
+        raise ValueError(f"--out_dir {base.out_dir} is a file: name a folder")
     if base.alpha == 0:
         raise ValueError(f"--alpha 0 would train the plain run twice: leave it out ({train.DEFAULT_ALPHA[algo]} for {algo}) "
                          "or give a positive value")

@@ -504,8 +504,9 @@ def check_out_dir(cfg: Config):
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out_dir {out}: {parent} is not writable; pass another --out_dir")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out_dir {out}: {parent} is {'a file' if not os.path.isdir(parent) else 'not writable'}; "
+                         "pass another --out_dir")
 
 
 def claim_out_dir(cfg: Config):
