@@ -116,7 +116,7 @@ def train_stage(cfg: Config):
             print(f"{cfg.out_dir}: finished earlier, skipped")
             return
         cfg = dataclasses.replace(cfg, resume=ckpt)  # a Ctrl-C checkpoint: go on from its step
-    elif os.path.isfile(os.path.join(cfg.out_dir, "metrics.jsonl")):
+    elif os.path.isfile(os.path.join(cfg.out_dir, "metrics.jsonl")) and not cfg.overwrite:  # (--overwrite: train.py clears)
         os.remove(os.path.join(cfg.out_dir, "metrics.jsonl"))  # rows of a run killed before any checkpoint
     train.train(cfg)
 

@@ -129,3 +129,12 @@ def test_ppo_gets_the_papers_alpha_and_its_own_folder():
 def test_bad_options_give_one_clear_message(argv, message):
     with pytest.raises(ValueError, match=message):
         experiment.parse(argv)
+
+
+def test_overwrite_retrains_both_runs_in_place(done, tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
+    trained = []
+    monkeypatch.setattr(train, "train", lambda cfg: trained.append((cfg.out_dir, cfg.overwrite, cfg.resume)))
+    experiment.main(argv_for(tiny_folder, out, "--overwrite", "true"))
+    assert trained == [(str(out / "plain"), True, ""), (str(out / "entropy"), True, "")]
