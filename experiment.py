@@ -9,7 +9,8 @@ advantage, from the same seed, data order and compute; then Pass@K of the start 
         --max_new_tokens 512 --lr 1e-6 --n 256 --eval_problems 200 --eval_batch 1    # a GPU run, n = 256
         # (offline: --task ../shared/data/gsm8k_train.jsonl --eval_task ../shared/data/gsm8k_test.jsonl)
 
-Stages; each is skipped when its output exists, so after an interruption the same command goes on:
+Stages; each is skipped when its output exists, so after an interruption the same command goes on
+(--overwrite true retrains both runs instead):
   1. train the plain run (alpha = 0) into OUT/plain (train.py's tqdm bar; a Ctrl-C saves a checkpoint
      there and the next run resumes it)
   2. train the entropy-advantage run (alpha 0.4 for GRPO, 0.1 for PPO, or --alpha) into OUT/entropy.

@@ -2,8 +2,8 @@
 train.py -- GRPO (or PPO) with the entropy-shaped advantage of Cheng et al. (2025), on one device.
 
     python train.py                                    # the offline CPU demo: SmolLM2-135M on arithmetic
-    python train.py --alpha 0                          # the same run as plain GRPO
-    python train.py --algo ppo --alpha 0.1             # PPO with a critic, as in the paper's second set of runs
+    python train.py --alpha 0 --out_dir runs/plain     # the same run as plain GRPO (one folder holds one run)
+    python train.py --algo ppo --out_dir runs/ppo      # PPO with a critic (alpha 0.1), the paper's second set of runs
     python train.py --resume runs/default/checkpoint   # continue a run exactly where it stopped
 
 One step of the loop is the whole pipeline, one function call per arrow:
@@ -18,13 +18,17 @@ Our choices, and where we simplify against the paper (its Appendix B):
      policy, taken from the training forward at the sampling temperature; no gradient flows through it.
   2. Loss aggregation: token-level mean over all response tokens of the batch (as the paper/DAPO),
      not a per-sequence mean, so long answers are not down-weighted.
-  3. Clip-higher: eps_low 0.2, eps_high 0.28. No KL penalty and no entropy loss by default
-     (--kl_coef and --entropy_coef turn them on, the latter to compare with the paper's Table 3).
+  3. Clip-higher: eps_low 0.2, eps_high 0.28, and veRL's guards: dual-clip (a token with A < 0
+     costs at most 3|A|), the log-ratio clamped to +-20, and a step whose gradient norm is not finite
+     skipped (counted in skipped_steps). No KL penalty and no entropy loss by default (--kl_coef and
+     --entropy_coef turn them on, the latter to compare with the paper's Table 3).
   4. GRPO advantages use the Bessel-corrected group std, as veRL and TRL; --scale_std false gives
      Dr. GRPO's mean-centred advantages.
   5. Scale: the paper trains 7B models on 512 prompts x 8 samples, 8K tokens, 16 updates per rollout,
      lr 1e-6. The CPU demo uses a 135M model, 4 prompts x 8 samples, 40 new tokens, one update per
      rollout and lr 1e-5 (a small model at 1e-6 barely moves in a few steps), so it fits 15 minutes.
+     With one update per rollout the ratio is exactly 1 and clipping never acts (clip_frac 0): the
+     update is REINFORCE with a token-mean loss; --mini_batches > 1 makes the clip matter.
   6. Reward 1 correct / 0 wrong (the paper uses +1/-1: identical after the group z-score).
   7. PPO: the critic is our decoder with a scalar head, started from the policy's weights, its own
      AdamW (lr 2x the actor's), a clipped value loss, GAE with gamma = lambda = 1, and
