@@ -440,7 +440,8 @@ def _load_hub(name: str, split: str):
 
     repo, config, splits = HUB_TASKS[name]
     if split not in splits:
-        raise ValueError(f"{name} has no '{split}' split: use --split {' or '.join(splits)}")
+        raise ValueError(f"{name} has no '{split}' split, only {' and '.join(splits)}: evaluate on it (evaluate.py "
+                         f"--split {' or '.join(splits)}, train.py --eval_task {name}) and train on another task")
     # Without a network `datasets` retries five times with back-off (about 25 s) before it fails.
     # One quick probe decides instead; offline, we switch both libraries to their offline mode for
     # this call, which still reads a copy that is already in the cache.
