@@ -39,7 +39,7 @@ Simplifications, said plainly:
      to measure, not the paper's effect sizes; the arms may not differ beyond noise. results.md gives
      Pass@1's standard error over problems: a gap under about two of them is noise.
   2. Evaluation answers within the training budget of new tokens (40 here; the paper's is 8K), on
-     the test split of the training task (or --eval_task).
+     the test split of the training task (of a local file, its held-out 10%), or --eval_task.
 """
 
 import dataclasses
@@ -55,7 +55,7 @@ from contextlib import nullcontext
 import torch
 
 import train
-from evaluate import default_ks, evaluate, load_problems, load_summary, plot_curves
+from evaluate import default_ks, evaluate, load_summary, plot_curves
 from model import load_model
 from train import Config
 
@@ -142,7 +142,7 @@ def eval_stage(label: str, source: str, cfg: Config, n: int, folder: str, precis
         if all(result.get(k) == v for k, v in wanted.items()):
             print(f"{folder}: evaluated earlier, skipped")
             return result
-    problems = load_problems(task, split="test", limit=cfg.eval_problems, seed=cfg.seed)
+    problems = train.held_out_problems(cfg)  # as train.py: a local --task file gives its held-out share
     if len(problems) < cfg.eval_problems:  # arith:1 has ~30 test problems: ask for fewer rather than mislabel
         raise ValueError(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
     if not precision:  # decided once, as train.py does: float32 weights, bfloat16 autocast where it is faster

@@ -226,28 +226,33 @@ def batches_of_problems(problems, batch_size: int, seed: int, step: int):
 
 
 def load_tasks(cfg: Config, problems=None) -> tuple:
-    """(training problems, held-out problems), checked before the model loads.
-
-    The held-out problems are the test split of --task (or --eval_task). A single local file has no
-    test split, so a fixed 10% of its rows, picked by a hash of the question (held_out_split), is
-    held out and never trained on: "held-out" is never the training set."""
-    fields = dict(question_field=cfg.question_field or None, answer_field=cfg.answer_field or None)
-    held_out = []
-    if is_local_task(cfg.task) and not cfg.eval_task:
-        rows, held_out = held_out_split(load_problems(cfg.task, **fields))
-        problems = rows if problems is None else problems
-    else:
-        if problems is None:
-            problems = load_problems(cfg.task, split="train", seed=cfg.seed, **fields)
-        if cfg.eval_problems:
-            held_out = load_problems(cfg.eval_task or cfg.task, split="test", limit=cfg.eval_problems, seed=cfg.seed, **fields)
-    held_out = held_out[: cfg.eval_problems]
+    """(training problems, held-out problems), checked before the model loads. A single local file
+    has no test split: a fixed share of its rows is held out and never trained on (held_out_split)."""
+    if problems is None:
+        if is_local_task(cfg.task) and not cfg.eval_task:
+            problems = held_out_split(load_problems(cfg.task, **fields_of(cfg)))[0]
+        else:
+            problems = load_problems(cfg.task, split="train", seed=cfg.seed, **fields_of(cfg))
+    held_out = held_out_problems(cfg) if cfg.eval_problems else []
     if len(problems) < cfg.prompts_per_step:
         raise ValueError(f"{cfg.task}: {len(problems)} training problems, fewer than one step's --prompts_per_step "
                          f"{cfg.prompts_per_step}: lower it or add problems")
     if cfg.eval_problems and not held_out:
         raise ValueError(f"{cfg.eval_task or cfg.task} gave no held-out problems: pass --eval_task FILE, or --eval_problems 0")
     return problems, held_out
+
+
+def held_out_problems(cfg: Config) -> list:
+    """The first eval_problems of the test split of --eval_task, else of --task; of a single local
+    file, of its held-out share. "Held-out" is never the training set. (experiment.py uses it too.)"""
+    if is_local_task(cfg.task) and not cfg.eval_task:
+        return held_out_split(load_problems(cfg.task, **fields_of(cfg)))[1][: cfg.eval_problems]
+    return load_problems(cfg.eval_task or cfg.task, split="test", limit=cfg.eval_problems, seed=cfg.seed, **fields_of(cfg))
+
+
+def fields_of(cfg: Config) -> dict:
+    """The field names of a local task file, where given."""
+    return dict(question_field=cfg.question_field or None, answer_field=cfg.answer_field or None)
 
 
 # -----------------------------------------------------------------------------------------------
