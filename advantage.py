@@ -123,14 +123,21 @@ def shaping_stats(adv, entropy, mask, alpha, kappa):
 # -----------------------------------------------------------------------------
 # 3) the policy loss: PPO's clipped surrogate with clip-higher, token-level mean
 
+LOG_RATIO_LIMIT = 20.0  # |log pi/pi_old| is clamped here before exp (as veRL): exp(20) = 5e8 is finite, exp(100) is not
+DUAL_CLIP = 3.0  # for A < 0 the per-token loss is at most 3 * |A| (veRL's clip_ratio_c, Ye et al. 2020's dual-clip)
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=0.28,
                 ref_logprobs=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, num_tokens=None):
     """Clipped policy-gradient loss -> (loss, stats). All tensors (N, T); stats is a dict of floats.
 
     ratio = exp(logp - old_logp); surrogate = min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A).
     Clip-higher (DAPO, Yu et al. 2025): a wider upper bound lets unlikely tokens with A > 0 grow,
-    which keeps entropy from collapsing. Optional: a k3 KL penalty to a reference model (kl_coef,
-    needs ref_logprobs), and a classic entropy bonus (entropy_coef, needs entropy with its graph).
+    which keeps entropy from collapsing. Two guards against one wild token poisoning the step, both
+    as veRL's compute_policy_loss_vanilla: the log-ratio is clamped to +-20 before exp (exp(100) is
+    inf in float32, and inf * 0 in the backward pass is NaN), and for A < 0 the surrogate is bounded
+    by dual-clip, -surrogate <= DUAL_CLIP * |A|: with A < 0 the plain min() above grows with the
+    ratio without limit. Optional: a k3 KL penalty to a reference model (kl_coef, needs
+    ref_logprobs), and a classic entropy bonus (entropy_coef, needs entropy with its graph).
     num_tokens: the number of response tokens in the whole batch, so micro-batches add up to the
     batch's token mean (default: this call's own mask.sum()). Stats are means over this call's tokens.
 
@@ -138,6 +145,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=
     >>> loss, stats = policy_loss(lp, lp, torch.tensor([[1., -2., 4.]]), torch.tensor([[1., 1., 0.]]))
     >>> loss, stats["clip_frac"]
     (tensor(0.5000), 0.0)
+    >>> policy_loss(torch.tensor([[2.]]), torch.zeros(1, 1), torch.tensor([[-1.]]), torch.ones(1, 1))[0]
+    tensor(3.)
     """
     if advantages.shape != logprobs.shape:
         raise ValueError(f"advantages must be (N, T) like logprobs {tuple(logprobs.shape)}, got "
@@ -148,10 +157,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=
         raise ValueError("entropy_coef > 0 needs entropy (N, T) computed with gradient; or set entropy_coef=0")
     # log-ratio zeroed on padding, so exp() there is exactly 1 whatever the padded log-probs hold
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)  # (N, T)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     surrogate = torch.minimum(unclipped, clipped)  # pessimistic: never profit from moving past the clip
+    # dual-clip: a token with A < 0 whose ratio has run far above 1 costs at most DUAL_CLIP * |A|
+    floor = DUAL_CLIP * advantages  # (N, T), negative where A < 0
+    dual = (advantages < 0) & (surrogate < floor)
+    surrogate = torch.where(dual, floor, surrogate)
     # Token-level mean over ALL response tokens of the batch (DAPO; the paper's Appendix B), rather
     # than a mean per response then over responses: the latter gives each token of a long answer a
     # smaller weight, so long wrong answers are punished less per token (a length bias).
@@ -160,15 +174,16 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=
     clip_low = ((advantages < 0) & (ratio < 1 - eps_low)).float()
     clip_high = ((advantages > 0) & (ratio > 1 + eps_high)).float()
     with torch.no_grad():
-        stats = {"clip_frac": masked_mean(clip_low + clip_high, mask).item(),
+        stats = {"clip_frac": masked_mean(clip_low + clip_high + dual.float(), mask).item(),
                  "clip_frac_low": masked_mean(clip_low, mask).item(),
                  "clip_frac_high": masked_mean(clip_high, mask).item(),
+                 "clip_frac_dual": masked_mean(dual.float(), mask).item(),
                  # k3 estimate of KL(old || new) from tokens sampled by the old policy
                  "approx_kl": masked_mean(ratio - 1 - log_ratio, mask).item()}
     if ref_logprobs is not None:
         # k3 (Schulman, "Approximating KL divergence", 2020): with d = ref - logp, KL(pi || ref) is
         # estimated per token by exp(d) - d - 1, which is >= 0 and unbiased, with low variance.
-        d = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0)
+        d = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
         kl = masked_mean(d.exp() - d - 1, mask, num_tokens)
         loss = loss + kl_coef * kl
         stats["kl_ref"] = masked_mean(d.exp() - d - 1, mask).item()

@@ -26,7 +26,6 @@ byte, built here in a few lines, so nothing is downloaded. Row 4's rollout is ra
 ragged lengths: speed and memory do not depend on what the tokens say.
 """
 
-import argparse
 import copy
 import ctypes
 import gc
@@ -40,6 +39,7 @@ import time
 import torch
 
 from advantage import policy_loss
+from evaluate import OneLineParser, check_device, check_out_file
 from model import Transformer, _hf_load, _smollm2_gguf
 from rollout import Rollout, logprobs_and_entropy, pick_next_token, sample, score_responses
 
@@ -443,14 +443,18 @@ def print_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Speed and memory against transformers (see the docstring).")
+    parser = OneLineParser(description="Speed and memory against transformers (see the docstring).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 on SmolLM2-135M; cuda: row 5")
     parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model, to check that every row runs")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
     args = parser.parse_args(argv)
+    try:  # before anything is timed: a bad option or --out costs a second, not the whole benchmark
+        check_device(args.device)
+        check_out_file(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no GPU: run on a machine with one, or use --device cpu")
     S = QUICK if args.quick else FULL
     start = time.time()
     rows = []

@@ -27,7 +27,6 @@ the rest. This script measures the same on our models. Simplifications, said up 
      lower than at temperature 1.
 """
 
-import argparse
 import bisect
 import html
 import json
@@ -302,9 +301,13 @@ def sample_answers(model, tokenizer, problems, n, max_new_tokens, temperature, t
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Colour sampled tokens by entropy; compare pivotal and reflective words.")
+    from evaluate import OneLineParser, check_context, check_device, check_sampling, load_problems, make_out_folder
+
+    p = OneLineParser(description="Colour sampled tokens by entropy; compare pivotal and reflective words.")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id, a model folder or a .gguf file")
     p.add_argument("--task", default="arith", help="arith[:LEVEL], gsm8k, math500, aime24, amc23, or a .jsonl file")
+    p.add_argument("--question-field", default=None, help="field holding the question in a local file")
+    p.add_argument("--answer-field", default=None, help="field holding the gold answer in a local file")
     p.add_argument("--limit", type=int, default=4, help="the first L test problems")
     p.add_argument("--n", type=int, default=2, help="answers per problem")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -315,15 +318,17 @@ def main(argv=None):
     p.add_argument("--out", default="runs/entropy", help="folder for entropy.html and entropy_stats.json")
     args = p.parse_args(argv)
     try:
-        if args.n < 1 or args.max_new_tokens < 1:  # checked before the model loads: a typo costs a second
-            raise ValueError(f"--n and --max-new-tokens must be positive, got {args.n} and {args.max_new_tokens}")
+        # every check that needs no model first: a typo costs a second, a bad --out no sampling
+        check_sampling(args.n, args.max_new_tokens, args.temperature, args.top_p)
         if args.limit < 1:
             raise ValueError(f"--limit must be a positive number of problems, got {args.limit}")
-        from evaluate import load_problems
+        check_device(args.device)
+        make_out_folder(args.out)
         from model import load_model
 
-        problems = load_problems(args.task, "test", args.limit, args.seed)
+        problems = load_problems(args.task, "test", args.limit, args.seed, args.question_field, args.answer_field)
         model, tokenizer = load_model(args.model, device=args.device)
+        check_context(model, tokenizer, problems, args.max_new_tokens)
         answers = sample_answers(model, tokenizer, problems, args.n, args.max_new_tokens, args.temperature,
                                  args.top_p, args.seed)
     except ValueError as e:
@@ -339,7 +344,6 @@ def main(argv=None):
 
     settings = {k: v for k, v in vars(args).items() if k not in ("device", "out")}
     title = f"Token entropy: {args.model} on {args.task}, temperature {args.temperature}, top-p {args.top_p}"
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "entropy.html"), "w", encoding="utf-8") as f:
         f.write(render_html(answers, stats, title))
     with open(os.path.join(args.out, "entropy_stats.json"), "w") as f:

@@ -368,6 +368,7 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ARITH_LEVELS = (1, 2, 3, 4)
 ARITH_DEFAULT_LEVEL = 2  # sums and products of 2..12: SmolLM2-135M starts near 55% greedy and learns it in minutes
 ARITH_DEFAULT_SIZE = {"train": 2000, "test": 200}
+LOCAL_TEST_PERCENT = 10  # train.py on a single local task file holds out this share of its rows (see held_out_split)
 ARITH_TEST_PERCENT = 50  # share of the problem space in the test split: half, so level 2 has ~130 held-out problems
 
 
@@ -383,18 +384,52 @@ def _gold_from(value) -> str:
     return text
 
 
-def _rows_to_problems(rows, name, question_field=None, answer_field=None) -> list:
-    columns = list(rows.column_names)
+def _rows_to_problems(rows, columns, name, question_field=None, answer_field=None) -> list:
+    """rows: [(where, dict)], where names the row for error messages ("line 7")."""
     q = question_field or next((f for f in QUESTION_FIELDS if f in columns), None)
     a = answer_field or next((f for f in ANSWER_FIELDS if f in columns), None)
     for field, role in ((q, "question"), (a, "answer")):
         if field is None or field not in columns:
             raise ValueError(f"{name}: no {role} field found among {columns}; name it with --{role}-field")
     id_field = next((f for f in ("id", "unique_id") if f in columns), None)
-    return [
-        Problem(str(r[q]), _gold_from(r[a]), str(r[id_field]) if id_field else f"{name}-{i}")
-        for i, r in enumerate(rows)
-    ]
+    problems = []
+    for i, (where, r) in enumerate(rows):
+        for field, role in ((q, "question"), (a, "answer")):
+            # a missing or null gold answer would become the string "None", and a reply "None" would
+            # be graded right: refuse the row instead
+            if r.get(field) is None or not str(r[field]).strip():
+                raise ValueError(f"{name}, {where}: the {role} ('{field}') is missing or empty; fill it in or delete the row")
+        problems.append(Problem(str(r[q]), _gold_from(r[a]), str(r[id_field]) if r.get(id_field) is not None else f"{name}-{i}"))
+    return problems
+
+
+def _read_json_rows(path: str) -> list:
+    """[(where, row)] from a .jsonl file (one object a line) or a .json file (a list of objects, or
+    again one object a line). Read here rather than by `datasets`, so a broken line is named."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.lower().endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # maybe JSON lines under a .json name: read it line by line below
+        if data is not None:
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise ValueError(f"{path}: a .json task file must hold a list of objects such as "
+                                 '{"question": ..., "answer": ...}')
+            return [(f"row {i + 1}", r) for i, r in enumerate(data)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}); fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: expected one object such as " + '{"question": ..., "answer": ...}')
+        rows.append((f"line {number}", row))
+    return rows
 
 
 def _load_hub(name: str, split: str):
@@ -405,7 +440,8 @@ def _load_hub(name: str, split: str):
 
     repo, config, splits = HUB_TASKS[name]
     if split not in splits:
-        raise ValueError(f"{name} has no '{split}' split: use --split {' or '.join(splits)}")
+        raise ValueError(f"{name} has no '{split}' split, only {' and '.join(splits)}: evaluate on it (evaluate.py "
+                         f"--split {' or '.join(splits)}, train.py --eval_task {name}) and train on another task")
     # Without a network `datasets` retries five times with back-off (about 25 s) before it fails.
     # One quick probe decides instead; offline, we switch both libraries to their offline mode for
     # this call, which still reads a copy that is already in the cache.
@@ -415,9 +451,11 @@ def _load_hub(name: str, split: str):
     try:
         return datasets.load_dataset(repo, config, split=splits[split])
     except (ConnectionError, OSError) as e:
-        local = f"../shared/data/{name}_{split}.jsonl"
+        local = f"--task ../shared/data/{name}_{split}.jsonl"
+        if split == "train" and "test" in splits:  # a training run: its held-out problems need their own file
+            local += f" --eval_task ../shared/data/{name}_test.jsonl"
         reason = "the Hugging Face hub cannot be reached" if offline else f"loading it failed ({type(e).__name__})"
-        raise ValueError(f"cannot load {name} ({repo}): {reason}; pass a local file instead, e.g. --task {local}") from None
+        raise ValueError(f"cannot load {name} ({repo}): {reason}; pass a local file instead, e.g. {local}") from None
     finally:
         datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
@@ -508,25 +546,116 @@ def load_problems(source: str, split: str | None = None, limit: int | None = Non
             raise ValueError(f"bad task '{source}': write arith or arith:LEVEL, e.g. arith:2")
         return arith_problems(int(level), split, limit, seed)
     if source in HUB_TASKS:
-        problems = _rows_to_problems(_load_hub(source, split), source, question_field, answer_field)
+        rows = _load_hub(source, split)
+        problems = _rows_to_problems([(f"row {i + 1}", r) for i, r in enumerate(rows)], list(rows.column_names),
+                                     source, question_field, answer_field)
         return problems[:limit]
-    suffix = os.path.splitext(source)[1].lower()
-    if suffix in LOCAL_SUFFIXES or os.path.exists(source):
+    if is_local_task(source):
+        suffix = os.path.splitext(source)[1].lower()
         if not os.path.isfile(source):
             raise ValueError(f"no such file: {source}")
         if suffix not in LOCAL_SUFFIXES:
             raise ValueError(f"cannot read {source}: use a .jsonl, .json or .parquet file")
-        import datasets
+        if suffix == ".parquet":
+            import datasets
 
-        rows = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=source, split="train")
+            table = datasets.load_dataset("parquet", data_files=source, split="train")
+            rows, columns = [(f"row {i + 1}", r) for i, r in enumerate(table)], list(table.column_names)
+        else:
+            rows = _read_json_rows(source)
+            columns = list(dict.fromkeys(k for _, r in rows for k in r))  # every key, in order of appearance
+        if not rows:
+            raise ValueError(f"{source} holds no problems: add rows such as " + '{"question": ..., "answer": ...}')
         name = os.path.splitext(os.path.basename(source))[0]
-        return _rows_to_problems(rows, name, question_field, answer_field)[:limit]
+        return _rows_to_problems(rows, columns, name, question_field, answer_field)[:limit]
     raise ValueError(f"unknown task '{source}': use arith, arith:LEVEL, {', '.join(HUB_TASKS)}, "
                      "or a .jsonl/.json/.parquet file")
 
 
 # -----------------------------------------------------------------------------------------------
 # Pass@K: the chance that at least one of K samples is right, estimated from n >= K samples
+
+
+def is_local_task(source: str) -> bool:
+    """Does --task name a file (rather than arith or a hub benchmark)?"""
+    return os.path.splitext(str(source))[1].lower() in LOCAL_SUFFIXES or os.path.exists(str(source))
+
+
+def held_out_split(problems: list, percent: int = LOCAL_TEST_PERCENT) -> tuple:
+    """(train, test) of a single local file: a hash of each question, not its position, picks the
+    side, so the split is the same on every run and a repeated question never lands on both."""
+    is_test = [int(hashlib.sha256(p.question.encode()).hexdigest()[:8], 16) % 100 < percent for p in problems]
+    return [p for p, t in zip(problems, is_test) if not t], [p for p, t in zip(problems, is_test) if t]
+
+
+# -----------------------------------------------------------------------------------------------
+# Checks the scripts share: made before the model loads, or right after it, before any sampling
+
+
+def check_device(device: str | None):
+    """Refuse a device torch cannot use, with the fix (before a model load, not after it)."""
+    import torch
+
+    if device in (None, "auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device must be cpu or cuda (or auto, cuda:N), got '{device}'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but torch sees no GPU here: use --device cpu")
+
+
+def check_sampling(n: int, max_new_tokens: int, temperature: float, top_p: float):
+    """The ranges of the sampling options evaluate.py and entropy_view.py share."""
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"--n and --max-new-tokens must be positive, got {n} and {max_new_tokens}")
+    if not (0 <= temperature < math.inf):
+        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy; the paper evaluates at 0.6), got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"--top-p must be in (0, 1] (1 = off; the paper uses 0.95), got {top_p}")
+
+
+def check_context(model, tokenizer, problems: list, max_new_tokens: int, option: str = "--max-new-tokens"):
+    """Refuse a prompt plus max_new_tokens beyond the model's context (max_position_embeddings):
+    it would allocate a KV cache of that size and then run until killed. Only the 16 longest
+    questions (in characters) are tokenised: enough to find the longest prompt, and quick."""
+    from rollout import format_prompt
+
+    limit = (model.hf_config or {}).get("max_position_embeddings")
+    if not limit or not problems:
+        return
+    longest = sorted(problems, key=lambda p: len(p.question))[-16:]
+    P = max(len(tokenizer(format_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"]) for p in longest)
+    if P + max_new_tokens > limit:
+        raise ValueError(f"the longest prompt ({P} tokens) plus {option} {max_new_tokens} needs {P + max_new_tokens} "
+                         f"positions, beyond the model's context of {limit}: lower {option} to at most {max(limit - P, 0)}"
+                         " or drop the longest problems")
+
+
+def check_out_file(path: str, what: str = "--out"):
+    """An output path must be writable before any work, so results are never lost at the very end."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{what} {path} is a folder: name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: the folder {folder} does not exist; create it or name another path")
+
+
+def make_out_folder(path: str, what: str = "--out"):
+    """Create (or reuse) an output folder before any work; a file in its place is refused."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a file: name a folder (or delete the file)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot create it ({e.strerror}); name another folder") from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option gives one line naming the fix (exit code 2), without the usage block."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -710,7 +839,7 @@ def _parse_ks(text: str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample n answers per problem and report the unbiased Pass@K.")
+    p = OneLineParser(description="Sample n answers per problem and report the unbiased Pass@K.")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id, a model folder or a .gguf file")
     p.add_argument("--task", default="arith", help="arith[:LEVEL], gsm8k, math500, aime24, amc23, or a .jsonl/.json/.parquet file")
     p.add_argument("--split", default="test", help="test or train (a local file is its own split)")
@@ -731,23 +860,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.compare:
-            os.makedirs(args.out, exist_ok=True)
+            make_out_folder(args.out)
             path = os.path.join(args.out, "passk_compare.png")
             print(compare(args.compare, path))
             print(f"wrote {path}")
             return
         # every check that needs no model comes first: a typo should cost a second, not a model load
-        if args.n < 1 or args.batch_prompts < 1:
-            raise ValueError("--n and --batch-prompts must be positive")
+        check_sampling(args.n, args.max_new_tokens, args.temperature, args.top_p)
+        if args.batch_prompts < 1:
+            raise ValueError(f"--batch-prompts must be positive, got {args.batch_prompts}")
+        check_device(args.device)
         ks = default_ks(args.n) if args.k is None else _parse_ks(args.k)
         if ks[-1] > args.n:
             raise ValueError(f"--k {ks[-1]} exceeds --n {args.n}: Pass@K needs at least K samples per problem")
+        make_out_folder(args.out)  # now, not after the sampling: a bad --out must not cost the results
         problems = load_problems(args.task, args.split, args.limit, args.seed, args.question_field, args.answer_field)
         if not problems:
             raise ValueError(f"{args.task} gave no problems")
         from model import load_model
 
         model, tokenizer = load_model(args.model, device=args.device)
+        check_context(model, tokenizer, problems, args.max_new_tokens)
         print(f"{args.task} ({args.split}): {len(problems)} problems x {args.n} samples, temperature "
               f"{args.temperature}, top-p {args.top_p}, up to {args.max_new_tokens} new tokens, model {args.model}")
         result = evaluate(model, tokenizer, problems, args.n, ks, args.temperature, args.top_p, args.max_new_tokens,

@@ -9,7 +9,8 @@ advantage, from the same seed, data order and compute; then Pass@K of the start 
         --max_new_tokens 512 --lr 1e-6 --n 256 --eval_problems 200 --eval_batch 1    # a GPU run, n = 256
         # (offline: --task ../shared/data/gsm8k_train.jsonl --eval_task ../shared/data/gsm8k_test.jsonl)
 
-Stages; each is skipped when its output exists, so after an interruption the same command goes on:
+Stages; each is skipped when its output exists, so after an interruption the same command goes on
+(--overwrite true retrains both runs instead):
   1. train the plain run (alpha = 0) into OUT/plain (train.py's tqdm bar; a Ctrl-C saves a checkpoint
      there and the next run resumes it)
   2. train the entropy-advantage run (alpha 0.4 for GRPO, 0.1 for PPO, or --alpha) into OUT/entropy.
@@ -38,7 +39,7 @@ Simplifications, said plainly:
      to measure, not the paper's effect sizes; the arms may not differ beyond noise. results.md gives
      Pass@1's standard error over problems: a gap under about two of them is noise.
   2. Evaluation answers within the training budget of new tokens (40 here; the paper's is 8K), on
-     the test split of the training task (or --eval_task).
+     the test split of the training task (of a local file, its held-out 10%), or --eval_task.
 """
 
 import dataclasses
@@ -54,11 +55,10 @@ from contextlib import nullcontext
 import torch
 
 import train
-from evaluate import default_ks, evaluate, load_problems, load_summary, plot_curves
+from evaluate import default_ks, evaluate, load_summary, plot_curves
 from model import load_model
 from train import Config
 
-ALPHA = {"grpo": 0.4, "ppo": 0.1}  # the paper's Appendix B; kappa stays at Config's 2
 CPU_DEMO = dict(steps=12, eval_problems=40, eval_batch=2)  # Config values the experiment changes by default
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95  # the paper's evaluation settings
 
@@ -76,19 +76,22 @@ def parse(argv) -> tuple:
             continue
         value = arg[4:] if "=" in arg else next(it, "")
         if not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"--n expects a positive int (samples per held-out problem), got '{value}'")
+            raise ValueError(f"--n expects a positive int (samples per held-out problem), got '{value}'")
         n = int(value)
     overrides = train.parse_args(rest)  # unknown or mistyped options stop here, with the valid ones listed
     if overrides.get("resume"):
-        raise SystemExit("--resume is not an experiment option: rerun the same command and finished stages are skipped")
+        raise ValueError("--resume is not an experiment option: rerun the same command and finished stages are skipped")
     algo = overrides.get("algo", "grpo")
     base = Config(**{**CPU_DEMO, "out_dir": os.path.join("runs", "experiment", algo), **overrides})
-    base = dataclasses.replace(base, alpha=overrides.get("alpha", ALPHA.get(algo, 0.4)))
-    train.check_config(base)
+    base = dataclasses.replace(base, alpha=overrides.get("alpha", train.DEFAULT_ALPHA.get(algo, 0.4)))  # the paper's
+    train.check_config(train.resolve_defaults(base))
+    if os.path.exists(base.out_dir) and not os.path.isdir(base.out_dir):
+        raise ValueError(f"--out_dir {base.out_dir} is a file: name a folder")
     if base.alpha == 0:
-        raise SystemExit(f"--alpha 0 would train the plain run twice: leave it out ({ALPHA[algo]} for {algo}) or give a positive value")
+        raise ValueError(f"--alpha 0 would train the plain run twice: leave it out ({train.DEFAULT_ALPHA[algo]} for {algo}) "
+                         "or give a positive value")
     if base.eval_problems < 1 or base.eval_batch < 1:
-        raise SystemExit("--eval_problems and --eval_batch must be >= 1: stage 3 needs held-out problems")
+        raise ValueError("--eval_problems and --eval_batch must be >= 1: stage 3 needs held-out problems")
     run = lambda name, alpha: dataclasses.replace(base, alpha=alpha, out_dir=os.path.join(base.out_dir, name),  # noqa: E731
                                                   eval_problems=0)  # the experiment's evaluation replaces theirs
     return run("plain", 0.0), run("entropy", base.alpha), n, base
@@ -99,21 +102,22 @@ def parse(argv) -> tuple:
 
 
 def train_stage(cfg: Config):
-    """Train one run unless it finished already; resume it from its checkpoint if it was interrupted."""
+    """Train one run unless it finished already; resume it from its checkpoint if it was interrupted.
+    With --overwrite true, train it afresh whatever the folder holds (train.py clears it)."""
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
     summary = os.path.join(cfg.out_dir, "summary.json")
-    if os.path.isfile(os.path.join(ckpt, "train_config.json")):
+    if os.path.isfile(os.path.join(ckpt, "train_config.json")) and not cfg.overwrite:
         # a run trained with other settings is never reused, nor silently overwritten (it cost an hour)
         saved, wanted = json.load(open(os.path.join(ckpt, "train_config.json"))), dataclasses.asdict(cfg)
         diff = [f"{k}: {v} there, {wanted[k]} now" for k, v in saved.items()
-                if k not in ("resume", "progress", "out_dir") and v != wanted.get(k)]
+                if k not in ("resume", "progress", "out_dir", "overwrite") and v != wanted.get(k)]
         if diff:
-            raise SystemExit(f"{cfg.out_dir} was trained with other settings ({'; '.join(diff)}): delete it, or pass another --out_dir")
+            raise ValueError(f"{cfg.out_dir} was trained with other settings ({'; '.join(diff)}): pass --overwrite true to retrain it, or another --out_dir")
         if os.path.isfile(summary):
             print(f"{cfg.out_dir}: finished earlier, skipped")
             return
         cfg = dataclasses.replace(cfg, resume=ckpt)  # a Ctrl-C checkpoint: go on from its step
-    elif os.path.isfile(os.path.join(cfg.out_dir, "metrics.jsonl")):
+    elif os.path.isfile(os.path.join(cfg.out_dir, "metrics.jsonl")) and not cfg.overwrite:  # (--overwrite: train.py clears)
         os.remove(os.path.join(cfg.out_dir, "metrics.jsonl"))  # rows of a run killed before any checkpoint
     train.train(cfg)
 
@@ -138,9 +142,9 @@ def eval_stage(label: str, source: str, cfg: Config, n: int, folder: str, precis
         if all(result.get(k) == v for k, v in wanted.items()):
             print(f"{folder}: evaluated earlier, skipped")
             return result
-    problems = load_problems(task, split="test", limit=cfg.eval_problems, seed=cfg.seed)
+    problems = train.held_out_problems(cfg)  # as train.py: a local --task file gives its held-out share
     if len(problems) < cfg.eval_problems:  # arith:1 has ~30 test problems: ask for fewer rather than mislabel
-        raise SystemExit(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
+        raise ValueError(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
     if not precision:  # decided once, as train.py does: float32 weights, bfloat16 autocast where it is faster
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
         precision.update(device=device, bf16=train.choose_precision(device, cfg.dtype))
@@ -212,7 +216,16 @@ def table(results: dict, n: int) -> str:
 
 
 def main(argv=None):
-    plain, entropy, n, base = parse(sys.argv[1:] if argv is None else argv)
+    """The command line: a bad option or folder is one line naming the fix (exit code 2), no traceback."""
+    try:
+        run_all(*parse(sys.argv[1:] if argv is None else argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_all(plain: Config, entropy: Config, n: int, base: Config):
+    """The four stages."""
     out, task = base.out_dir, base.eval_task or base.task
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves the training checkpoint, like Ctrl-C
     name = plain.algo.upper()

@@ -2,8 +2,8 @@
 train.py -- GRPO (or PPO) with the entropy-shaped advantage of Cheng et al. (2025), on one device.
 
     python train.py                                    # the offline CPU demo: SmolLM2-135M on arithmetic
-    python train.py --alpha 0                          # the same run as plain GRPO
-    python train.py --algo ppo --alpha 0.1             # PPO with a critic, as in the paper's second set of runs
+    python train.py --alpha 0 --out_dir runs/plain     # the same run as plain GRPO (one folder holds one run)
+    python train.py --algo ppo --out_dir runs/ppo      # PPO with a critic (alpha 0.1), the paper's second set of runs
     python train.py --resume runs/default/checkpoint   # continue a run exactly where it stopped
 
 One step of the loop is the whole pipeline, one function call per arrow:
@@ -18,13 +18,17 @@ Our choices, and where we simplify against the paper (its Appendix B):
      policy, taken from the training forward at the sampling temperature; no gradient flows through it.
   2. Loss aggregation: token-level mean over all response tokens of the batch (as the paper/DAPO),
      not a per-sequence mean, so long answers are not down-weighted.
-  3. Clip-higher: eps_low 0.2, eps_high 0.28. No KL penalty and no entropy loss by default
-     (--kl_coef and --entropy_coef turn them on, the latter to compare with the paper's Table 3).
+  3. Clip-higher: eps_low 0.2, eps_high 0.28, and veRL's guards: dual-clip (a token with A < 0
+     costs at most 3|A|), the log-ratio clamped to +-20, and a step whose gradient norm is not finite
+     skipped (counted in skipped_steps). No KL penalty and no entropy loss by default (--kl_coef and
+     --entropy_coef turn them on, the latter to compare with the paper's Table 3).
   4. GRPO advantages use the Bessel-corrected group std, as veRL and TRL; --scale_std false gives
      Dr. GRPO's mean-centred advantages.
   5. Scale: the paper trains 7B models on 512 prompts x 8 samples, 8K tokens, 16 updates per rollout,
      lr 1e-6. The CPU demo uses a 135M model, 4 prompts x 8 samples, 40 new tokens, one update per
      rollout and lr 1e-5 (a small model at 1e-6 barely moves in a few steps), so it fits 15 minutes.
+     With one update per rollout the ratio is exactly 1 and clipping never acts (clip_frac 0): the
+     update is REINFORCE with a token-mean loss; --mini_batches > 1 makes the clip matter.
   6. Reward 1 correct / 0 wrong (the paper uses +1/-1: identical after the group z-score).
   7. PPO: the critic is our decoder with a scalar head, started from the policy's weights, its own
      AdamW (lr 2x the actor's), a clipped value loss, GAE with gamma = lambda = 1, and
@@ -40,6 +44,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from advantage import entropy_shaped_advantages, explained_variance, gae_advantages, group_advantages, masked_mean, policy_loss, shaping_stats, value_loss
-from evaluate import evaluate, is_correct, load_problems
+from evaluate import check_context, check_device, evaluate, held_out_split, is_correct, is_local_task, load_problems
 from model import Critic, load_model, save_pretrained
 from rollout import Rollout, format_prompt, sample, score_responses
 
@@ -60,8 +65,9 @@ from rollout import Rollout, format_prompt, sample, score_responses
 @dataclass
 class Config:
     # --- I/O
-    out_dir: str = "runs/default"  # metrics.jsonl, plots.png and checkpoint/ go here
+    out_dir: str = "runs/default"  # metrics.jsonl, plots.png and checkpoint/ go here; one run per folder
     resume: str = ""  # a checkpoint folder to continue from (its saved config is the base)
+    overwrite: bool = False  # replace the run already in out_dir (otherwise it is refused, never mixed)
     save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     progress: bool = True  # tqdm bars
     # --- model
@@ -71,6 +77,8 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward: for big models on one GPU
     # --- data
     task: str = "arith"  # arith[:level] | gsm8k | math500 | a local .jsonl/.json/.parquet file
+    question_field: str = ""  # the question's field in a local file ("" = question, problem, prompt, ...)
+    answer_field: str = ""  # the gold answer's field ("" = answer, final_answer, solution, ...)
     seed: int = 0
     # --- rollout
     prompts_per_step: int = 4  # B prompts per step (the paper: 512)
@@ -84,7 +92,9 @@ class Config:
     lr: float = 1e-5  # the paper: 1e-6 for 7B models
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm
-    mini_batches: int = 1  # optimiser updates per rollout (the paper: 16)
+    mini_batches: int = 1  # optimiser updates per rollout (the paper: 16). With 1, every update starts
+    #                        from the sampling policy, so the ratio is exactly 1 and clipping never acts
+    #                        (clip_frac 0): the update is REINFORCE with a token-mean loss
     micro_batch: int = 8  # rows per forward/backward; gradients accumulate over a mini-batch
     eps_low: float = 0.2  # PPO clip range below 1
     eps_high: float = 0.28  # ... and above 1 (clip-higher, DAPO)
@@ -92,19 +102,22 @@ class Config:
     entropy_coef: float = 0.0  # classic entropy regularisation (gradient through H); 0 = off
     scale_std: bool = True  # GRPO divides by the group std; False = Dr. GRPO
     # --- the entropy term (the paper's one line)
-    alpha: float = 0.4  # 0.4 for GRPO, 0.1 for PPO; 0 = plain GRPO/PPO
+    alpha: float | None = None  # None = the paper's: 0.4 for GRPO, 0.1 for PPO; 0 = plain GRPO/PPO
     kappa: float = 2.0  # cap: psi <= |A| / kappa, so the sign of A never flips
     # --- PPO's critic (used with --algo ppo)
-    critic_lr: float = 2e-5  # the paper: 2x the actor's lr
+    critic_lr: float | None = None  # None = 2x lr, as the paper
     critic_warmup: int = 2  # steps that train only the critic (the paper: 10)
     value_clip: float = 0.5
     gamma: float = 1.0
     lam: float = 1.0
     # --- evaluation (greedy pass@1 on held-out problems, at the start and at the end)
-    eval_task: str = ""  # "" = the test split of --task; or another task, e.g. math500 after training on MATH
+    eval_task: str = ""  # "" = the test split of --task (a local file: its hash-picked 10%, see load_tasks)
     eval_problems: int = 128  # 0 = skip
     eval_every: int = 0  # also evaluate every this many steps; 0 = only start and end
     eval_batch: int = 64  # prompts per sampling batch in evaluation
+
+
+DEFAULT_ALPHA = {"grpo": 0.4, "ppo": 0.1}  # the paper's Appendix B
 
 
 def parse_args(argv) -> dict:
@@ -119,10 +132,10 @@ def parse_args(argv) -> dict:
         else:
             value = next(it, None)
         if name not in fields:
-            raise SystemExit(f"unknown option '{arg}'. Valid options: " + " ".join(f"--{n}" for n in fields))
+            raise ValueError(f"unknown option '{arg}'. Valid options: " + " ".join(f"--{n}" for n in fields))
         if value is None:
-            raise SystemExit(f"option --{name} needs a value")
-        kind = type(fields[name].default)
+            raise ValueError(f"option --{name} needs a value")
+        kind = type(fields[name].default) if fields[name].default is not None else float  # alpha, critic_lr
         try:
             if kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -131,31 +144,50 @@ def parse_args(argv) -> dict:
             else:
                 overrides[name] = kind(value)
         except ValueError:
-            raise SystemExit(f"--{name} expects a {kind.__name__}, got '{value}'") from None
+            raise ValueError(f"--{name} expects a {kind.__name__}, got '{value}'") from None
     return overrides
 
 
+def resolve_defaults(cfg: Config) -> Config:
+    """Fill in the defaults that follow the algorithm: alpha 0.4 (GRPO) or 0.1 (PPO), critic_lr 2x lr.
+    (The config saved with a checkpoint keeps them unset, so a resumed --lr moves critic_lr too.)"""
+    alpha = DEFAULT_ALPHA.get(cfg.algo, 0.4) if cfg.alpha is None else cfg.alpha
+    return dataclasses.replace(cfg, alpha=alpha, critic_lr=2 * cfg.lr if cfg.critic_lr is None else cfg.critic_lr)
+
+
 def check_config(cfg: Config):
-    """Refuse settings that would fail later, or silently train something else, with the fix named."""
+    """Refuse settings that would fail later, or silently train something else, with the fix named.
+    Takes a resolved Config (resolve_defaults); reads no file and loads nothing, so it is instant."""
     problems = []
-    if cfg.group_size < 2:
-        problems.append("--group_size must be >= 2: GRPO compares answers within a group (the paper uses 8)")
-    if cfg.kappa <= 1:
-        problems.append("--kappa must be > 1 so the entropy bonus cannot flip an advantage's sign (the paper uses 2)")
-    if cfg.alpha < 0:
-        problems.append("--alpha must be >= 0 (0.4 for GRPO, 0.1 for PPO, 0 = off)")
-    if cfg.lr <= 0 or cfg.critic_lr <= 0:
-        problems.append("--lr and --critic_lr must be positive (the paper: 1e-6 and 2e-6)")
-    if cfg.algo not in ("grpo", "ppo"):
-        problems.append(f"--algo must be grpo or ppo, got '{cfg.algo}'")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        problems.append(f"--dtype must be auto, float32 or bfloat16, got '{cfg.dtype}'")
-    if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.max_new_tokens < 1 or cfg.micro_batch < 1:
-        problems.append("--steps must be >= 0; --prompts_per_step, --max_new_tokens and --micro_batch >= 1")
-    if cfg.mini_batches < 1 or cfg.prompts_per_step % cfg.mini_batches:
-        problems.append(f"--mini_batches must divide --prompts_per_step ({cfg.prompts_per_step}): a group stays in one mini-batch")
+
+    def need(ok, message):
+        if not ok:  # (written as "ok", so a NaN, for which every comparison is False, is refused too)
+            problems.append(message)
+
+    need(cfg.group_size >= 2, "--group_size must be >= 2: GRPO compares answers within a group (the paper uses 8)")
+    need(1 < cfg.kappa < math.inf, "--kappa must be > 1 so the entropy bonus cannot flip an advantage's sign (the paper uses 2)")
+    need(0 <= cfg.alpha < math.inf, "--alpha must be >= 0 (0.4 for GRPO, 0.1 for PPO, 0 = off)")
+    need(0 < cfg.lr < math.inf and 0 < cfg.critic_lr < math.inf, "--lr and --critic_lr must be positive (the paper: 1e-6 and 2e-6)")
+    need(cfg.algo in ("grpo", "ppo"), f"--algo must be grpo or ppo, got '{cfg.algo}'")
+    need(cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got '{cfg.dtype}'")
+    need(cfg.steps >= 0 and cfg.prompts_per_step >= 1 and cfg.max_new_tokens >= 1 and cfg.micro_batch >= 1,
+         "--steps must be >= 0; --prompts_per_step, --max_new_tokens and --micro_batch >= 1")
+    need(cfg.mini_batches >= 1 and cfg.prompts_per_step % cfg.mini_batches == 0,
+         f"--mini_batches must divide --prompts_per_step ({cfg.prompts_per_step}): a group stays in one mini-batch")
+    need(0 <= cfg.temperature < math.inf, f"--temperature must be >= 0 (the paper trains at 1.0), got {cfg.temperature}")
+    need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
+    need(0 <= cfg.weight_decay < math.inf and 0 < cfg.grad_clip < math.inf,
+         "--weight_decay must be >= 0 and --grad_clip > 0 (defaults 0 and 1)")
+    need(0 <= cfg.eps_low < 1 and 0 <= cfg.eps_high < math.inf, "--eps_low must be in [0, 1) and --eps_high >= 0 (the paper: 0.2, 0.28)")
+    need(0 <= cfg.kl_coef < math.inf and 0 <= cfg.entropy_coef < math.inf, "--kl_coef and --entropy_coef must be >= 0 (0 = off)")
+    need(0 < cfg.value_clip < math.inf and 0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1 and cfg.critic_warmup >= 0,
+         "--value_clip must be > 0, --gamma and --lam in [0, 1], --critic_warmup >= 0")
+    need(cfg.save_every >= 0 and cfg.eval_every >= 0 and cfg.eval_problems >= 0 and cfg.eval_batch >= 1,
+         "--save_every, --eval_every and --eval_problems must be >= 0 (0 = off), --eval_batch >= 1")
+    need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
     if problems:
-        raise SystemExit("config error: " + "; ".join(problems))
+        raise ValueError("config error: " + "; ".join(problems))
+    check_device(None if cfg.device == "auto" else cfg.device)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -193,6 +225,36 @@ def batches_of_problems(problems, batch_size: int, seed: int, step: int):
     return [problems[j] for j in order[i * batch_size : (i + 1) * batch_size]]
 
 
+def load_tasks(cfg: Config, problems=None) -> tuple:
+    """(training problems, held-out problems), checked before the model loads. A single local file
+    has no test split: a fixed share of its rows is held out and never trained on (held_out_split)."""
+    if problems is None:
+        if is_local_task(cfg.task) and not cfg.eval_task:
+            problems = held_out_split(load_problems(cfg.task, **fields_of(cfg)))[0]
+        else:
+            problems = load_problems(cfg.task, split="train", seed=cfg.seed, **fields_of(cfg))
+    held_out = held_out_problems(cfg) if cfg.eval_problems else []
+    if len(problems) < cfg.prompts_per_step:
+        raise ValueError(f"{cfg.task}: {len(problems)} training problems, fewer than one step's --prompts_per_step "
+                         f"{cfg.prompts_per_step}: lower it or add problems")
+    if cfg.eval_problems and not held_out:
+        raise ValueError(f"{cfg.eval_task or cfg.task} gave no held-out problems: pass --eval_task FILE, or --eval_problems 0")
+    return problems, held_out
+
+
+def held_out_problems(cfg: Config) -> list:
+    """The first eval_problems of the test split of --eval_task, else of --task; of a single local
+    file, of its held-out share. "Held-out" is never the training set. (experiment.py uses it too.)"""
+    if is_local_task(cfg.task) and not cfg.eval_task:
+        return held_out_split(load_problems(cfg.task, **fields_of(cfg)))[1][: cfg.eval_problems]
+    return load_problems(cfg.eval_task or cfg.task, split="test", limit=cfg.eval_problems, seed=cfg.seed, **fields_of(cfg))
+
+
+def fields_of(cfg: Config) -> dict:
+    """The field names of a local task file, where given."""
+    return dict(question_field=cfg.question_field or None, answer_field=cfg.answer_field or None)
+
+
 # -----------------------------------------------------------------------------------------------
 # One training step
 
@@ -212,7 +274,7 @@ def compute_advantages(cfg, rollout: Rollout, rewards, values=None):
 def update(cfg, model, optimizer, rollout, adv, old_logprobs, ref_logprobs, autocast, critic=None, critic_opt=None, returns=None, old_values=None, train_actor=True):
     """Optimiser steps over mini-batches of the rollout; gradients accumulate over micro-batches."""
     N = rollout.response_ids.shape[0]
-    stats = {}
+    stats, skipped = Means(), 0
     per_mb = N // cfg.mini_batches
     for first in range(0, N, per_mb):
         rows = range(first, first + per_mb)
@@ -238,30 +300,59 @@ def update(cfg, model, optimizer, rollout, adv, old_logprobs, ref_logprobs, auto
                 loss, s = policy_loss(logp, old, shaped, mask, cfg.eps_low, cfg.eps_high, ref, cfg.kl_coef,
                                       ent, cfg.entropy_coef, num_tokens=num_tokens)
                 loss.backward()
-                s.update(shaping_stats(a, ent, mask, cfg.alpha, cfg.kappa))
-                accumulate(stats, s, mask.sum().item())
+                stats.add(s, mask.sum().item())
+                add_shaping_stats(stats, a, ent, mask, cfg)
             if critic is not None:
                 with autocast():
                     v = critic(part)  # (n, R)
                 vloss, s = value_loss(v.float(), old_values[mb], returns[mb], mask, cfg.value_clip, num_tokens=num_tokens)
                 vloss.backward()
                 s["value_loss"] = vloss.item() * num_tokens.item() / max(mask.sum().item(), 1)
-                accumulate(stats, s, mask.sum().item())
+                stats.add(s, mask.sum().item())
         if train_actor:
-            stats.setdefault("grad_norm", []).append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
-            optimizer.step()
+            skipped += clipped_step(model, optimizer, cfg.grad_clip, stats, "grad_norm")
         if critic is not None:
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-            critic_opt.step()
-    return {k: (sum(v) / len(v) if k == "grad_norm" else v[0] / max(v[1], 1)) for k, v in stats.items()}
+            skipped += clipped_step(critic, critic_opt, cfg.grad_clip, stats, "critic_grad_norm")
+    return {**stats.means(), "skipped_updates": skipped}
 
 
-def accumulate(stats, s, weight):
-    """Token-weighted running sums: a micro-batch's mean counts as much as it has tokens."""
-    for k, v in s.items():
-        total = stats.setdefault(k, [0.0, 0.0])
-        total[0] += float(v) * weight
-        total[1] += weight
+class Means:
+    """The step's statistics as weighted means: each value counts as much as what it was measured on
+    (a micro-batch's tokens, the tokens it had to shape, or one optimiser step)."""
+
+    def __init__(self):
+        self.sums, self.weights = {}, {}
+
+    def add(self, values: dict, weight: float):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+            self.weights[k] = self.weights.get(k, 0.0) + weight
+
+    def means(self) -> dict:
+        """{name: mean}; None where nothing was measured (e.g. psi/|A| when every group had A = 0)."""
+        return {k: self.sums[k] / w if w else None for k, w in self.weights.items()}
+
+
+def add_shaping_stats(stats: Means, adv, ent, mask, cfg):
+    """psi_mean counts every response token; cap_frac and psi_ratio only the tokens with A != 0,
+    over which shaping_stats averages them. (Weighting those two by all tokens instead would count a
+    micro-batch of all-equal-reward groups as a psi/|A| of 0: it once halved the logged value.)"""
+    s = shaping_stats(adv, ent, mask, cfg.alpha, cfg.kappa)
+    shaped_tokens = (mask.bool() & (adv != 0)).sum().item()
+    stats.add({"psi_mean": s["psi_mean"]}, mask.sum().item())
+    stats.add({"cap_frac": s["cap_frac"], "psi_ratio": s["psi_ratio"]}, shaped_tokens)
+
+
+def clipped_step(model, optimizer, max_norm: float, stats: Means, name: str) -> bool:
+    """Clip the global grad norm (logged under `name`, before clipping) and step. A non-finite norm
+    (one inf or NaN gradient anywhere) is never applied: clip_grad_norm_ would scale every gradient
+    by NaN. That step is skipped and its gradients dropped; returns True when it was skipped."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    stats.add({name: norm}, 1)
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return not math.isfinite(norm)
 
 
 def rollout_rows(r: Rollout, rows: slice) -> Rollout:
@@ -277,6 +368,52 @@ def score_all(fn, rollout: Rollout, micro_batch: int, autocast):
         with autocast():
             outs.append(fn(rollout_rows(rollout, slice(m, m + micro_batch))))
     return torch.cat(outs).float()
+
+
+# -----------------------------------------------------------------------------------------------
+# "Is it learning?": plain-language warnings while it runs, each with its fix
+
+
+class Watch:
+    """Reads each step's record and says what looks wrong. check() returns this step's warnings
+    (they go into metrics.jsonl's `warnings`); a warning is printed when it starts, not every step."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.no_spread = self.no_reward = 0  # consecutive steps
+        self.active = set()  # kinds of warning raised last step
+
+    def check(self, record: dict) -> list:
+        cfg, found = self.cfg, {}
+        self.no_spread = self.no_spread + 1 if record["zero_spread_groups"] >= 0.9 else 0
+        self.no_reward = self.no_reward + 1 if record["reward"] == 0 else 0
+        if cfg.temperature == 0:
+            found["greedy"] = ("training at --temperature 0: the G answers to a prompt are all the same, so no group has "
+                               "a reward spread to learn from; train at --temperature 1.0")
+        if self.no_spread >= 3:
+            found["no_spread"] = (f"no signal: for {self.no_spread} steps at least 90% of groups had all answers right or "
+                                  "all wrong (A = 0 everywhere); use a task of fitting difficulty or a larger --group_size")
+        if record["truncated"] > 0.5:
+            found["truncated"] = (f"{100 * record['truncated']:.0f}% of the answers were cut off at --max_new_tokens "
+                                  f"{cfg.max_new_tokens}: raise --max_new_tokens")
+        if record["entropy"] < 0.05:
+            found["collapse"] = (f"token entropy {record['entropy']:.3f} nats (below 0.05): the policy has collapsed to "
+                                 "near-fixed answers; lower --lr, keep --eps_high above --eps_low, or raise --alpha")
+        if self.no_reward >= 5:
+            found["no_reward"] = (f"reward 0 for {self.no_reward} steps: no answer is ever right; check the answer format "
+                                  "and grader on a few samples, use an easier task (e.g. --task arith:1), or raise --max_new_tokens")
+        if record["skipped_updates"]:
+            found["skipped"] = (f"{record['skipped_updates']} update(s) skipped: the gradient norm was not finite (inf or "
+                                "NaN); lower --lr or look for a broken reward")
+        for kind in found.keys() - self.active:
+            self.say(found[kind])
+        self.active = set(found)
+        return list(found.values())
+
+    def say(self, text: str):
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: {text}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -314,16 +451,137 @@ def plot_metrics(out_dir: str):
     plt.close(fig)
 
 
-def save_checkpoint(folder, cfg, step, model, tokenizer, optimizer, critic=None, critic_opt=None):
-    """A folder transformers can load (config.json, model.safetensors, tokenizer), plus our state."""
-    save_pretrained(model, tokenizer, folder)
+def save_checkpoint(folder, cfg, step, model, tokenizer, optimizer, critic=None, critic_opt=None, skipped_steps=0):
+    """A folder transformers can load (config.json, model.safetensors, tokenizer), plus our state.
+
+    Written into folder + ".tmp" and renamed into place only when complete: a save interrupted
+    (a second Ctrl-C, a full disk) leaves the previous checkpoint whole. cfg is saved as given, with
+    alpha and critic_lr unset where they were, so a resume re-derives them."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier interrupted save
+    save_pretrained(model, tokenizer, tmp)
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "python_rng": random.getstate()}
+             "python_rng": random.getstate(), "skipped_steps": skipped_steps}
     if critic is not None:
         state.update(critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict())
-    torch.save(state, os.path.join(folder, "trainer_state.pt"))
-    with open(os.path.join(folder, "train_config.json"), "w") as f:
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+    # a folder cannot be replaced in one rename: move the old one aside, the new one in, then delete
+    if os.path.isdir(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+RUN_FILES = ("metrics.jsonl", "checkpoint", "summary.json")  # what marks a folder as holding a run
+LOCK = "train.lock"  # holds the PID of the run writing to the folder
+
+
+def lock_holder(out_dir: str) -> int | None:
+    """The PID of another live run holding out_dir's lock, or None (no lock, or a stale one)."""
+    try:
+        pid = int(open(os.path.join(out_dir, LOCK)).read().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None  # ours: left by an earlier train() in this same process
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None  # its run died without cleaning up: the lock is stale, take it over
+    except PermissionError:
+        pass  # it exists, under another user
+    return pid
+
+
+def check_out_dir(cfg: Config):
+    """One run per folder: refuse a file, a folder another live run writes to, and a folder that holds
+    another run, unless we resume that run (--resume OUT/checkpoint) or replace it (--overwrite)."""
+    out = cfg.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out_dir {out} is a file: name a folder")
+    pid = lock_holder(out)
+    if pid is not None:
+        raise ValueError(f"another run (PID {pid}) is writing to {out}: wait for it to end, or pass another --out_dir")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    resuming_here = cfg.resume and os.path.realpath(os.path.dirname(os.path.normpath(cfg.resume))) == os.path.realpath(out)
+    if found and not (resuming_here or cfg.overwrite):
+        raise ValueError(f"{out} holds another run ({', '.join(found)}): continue it with --resume "
+                         f"{os.path.join(out, 'checkpoint')}, replace it with --overwrite true, or pass another --out_dir")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out_dir {out}: {parent} is {'a file' if not os.path.isdir(parent) else 'not writable'}; "
+                         "pass another --out_dir")
+
+
+def claim_out_dir(cfg: Config):
+    """Create out_dir, take its lock and, with --overwrite, clear the run that was there."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.overwrite:
+        for name in RUN_FILES + ("plots.png", "checkpoint.tmp", "checkpoint.old"):
+            path = os.path.join(cfg.out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    with open(os.path.join(cfg.out_dir, LOCK), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def release_out_dir(cfg: Config):
+    try:
+        os.remove(os.path.join(cfg.out_dir, LOCK))
+    except OSError:
+        pass
+
+
+def check_resume(cfg: Config):
+    """A checkpoint folder train.py wrote, of the same model and algorithm: those two cannot change
+    mid-run (the weights and the optimiser state belong to them). Every other flag given now applies."""
+    if not cfg.resume:
+        return
+    for name in ("train_config.json", "trainer_state.pt", "model.safetensors"):
+        if not os.path.isfile(os.path.join(cfg.resume, name)):
+            raise ValueError(f"--resume {cfg.resume}: no {name} there; pass a checkpoint folder train.py wrote, "
+                             "e.g. runs/default/checkpoint")
+    saved = json.load(open(os.path.join(cfg.resume, "train_config.json")))
+    for key in ("model", "algo"):
+        if saved.get(key) != getattr(cfg, key):
+            raise ValueError(f"--resume {cfg.resume} continues a run of --{key} {saved.get(key)}; it cannot switch to "
+                             f"--{key} {getattr(cfg, key)}: start a new run (no --resume) for that")
+
+
+def keep_metrics_up_to(out_dir: str, step: int):
+    """On resume into the run's own folder: drop rows logged after the checkpoint (steps that ran
+    on after the last save and are about to run again), so no step appears twice."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        rows = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+def restore(cfg: Config, optimizer, critic=None, critic_opt=None) -> tuple:
+    """Load a checkpoint's optimiser, RNG and critic state -> (step, skipped_steps). The flags given
+    now win: the learning rates and weight decay are set on the restored optimisers."""
+    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if critic is not None:
+        critic.load_state_dict(state["critic"])
+        critic_opt.load_state_dict(state["critic_optimizer"])
+    for opt, lr in ((optimizer, cfg.lr), (critic_opt, cfg.critic_lr)):
+        for group in opt.param_groups if opt is not None else []:
+            group.update(lr=lr, weight_decay=cfg.weight_decay)
+    if os.path.realpath(os.path.dirname(os.path.normpath(cfg.resume))) == os.path.realpath(cfg.out_dir):
+        keep_metrics_up_to(cfg.out_dir, state["step"])
+    print(f"resumed from {cfg.resume} at step {state['step']}")
+    return state["step"], state.get("skipped_steps", 0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -333,9 +591,14 @@ def save_checkpoint(folder, cfg, step, model, tokenizer, optimizer, critic=None,
 def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None):
     """Run cfg.steps steps; returns a summary dict. reward_fn(text, problem) -> float defaults to
     is_correct against the problem's gold answer. model/tokenizer/problems can be passed in (tests)."""
+    # 0) every check that needs no model, before anything slow: a bad value costs a second
+    given, cfg = cfg, resolve_defaults(cfg)
     check_config(cfg)
+    check_out_dir(cfg)
+    check_resume(cfg)
+    problems, held_out = load_tasks(cfg, problems)
+    claim_out_dir(cfg)
     reward_fn = reward_fn or (lambda text, p: float(is_correct(text, p.answer)))
-    os.makedirs(cfg.out_dir, exist_ok=True)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -343,34 +606,25 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()  # noqa: E731
     print(f"device {device}, precision: {'bfloat16 autocast' if use_bf16 else 'float32'}"
           f"{' (measured faster here)' if cfg.dtype == 'auto' and device.type == 'cpu' and use_bf16 else ''}")
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    print("config:", json.dumps(dataclasses.asdict(cfg)))  # alpha and critic_lr as resolved
 
     # 1) model (weights stay float32: Adam's small updates vanish in bfloat16), data, optimiser
     if model is None:
         model, tokenizer = load_model(cfg.resume or cfg.model, device=device, dtype=torch.float32)
+    check_context(model, tokenizer, problems + held_out, cfg.max_new_tokens, "--max_new_tokens")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     critic = critic_opt = None
     if cfg.algo == "ppo":
         critic = Critic.from_policy(model).to(device)  # started from the policy's weights, as veRL does
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
-    if problems is None:
-        problems = load_problems(cfg.task, split="train", seed=cfg.seed)
-    held_out = load_problems(cfg.eval_task or cfg.task, split="test", limit=cfg.eval_problems, seed=cfg.seed) if cfg.eval_problems else []
-    start = 0
-    if cfg.resume:
-        state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-            critic_opt.load_state_dict(state["critic_optimizer"])
-        start = state["step"]
-        print(f"resumed from {cfg.resume} at step {start}")
+    ref_model = None
+    if cfg.kl_coef > 0:  # the KL reference is the starting model, for a resumed run too (never the checkpoint)
+        ref_model = load_model(cfg.model, device=device, dtype=torch.float32)[0] if cfg.resume else copy.deepcopy(model)
+        ref_model.eval().requires_grad_(False)
+    start, skipped_steps = restore(cfg, optimizer, critic, critic_opt) if cfg.resume else (0, 0)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
-    save = lambda step: save_checkpoint(ckpt_dir, cfg, step, model, tokenizer, optimizer, critic, critic_opt)  # noqa: E731
+    save = lambda step: save_checkpoint(ckpt_dir, given, step, model, tokenizer, optimizer, critic, critic_opt, skipped_steps)  # noqa: E731
 
     def run_eval(step):
         model.eval()
@@ -383,6 +637,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
         return res
 
     t0 = time.time()
+    watch = Watch(cfg)
     first = run_eval(start) if held_out and start == 0 else None
     from tqdm import tqdm
 
@@ -404,6 +659,8 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
                                    dtype=torch.float32, device=device)  # (N,)
             # 4) advantages (before the entropy term, which needs the training forward's H_t)
             model.train()
+            if critic is not None:
+                critic.train()  # train mode: gradient checkpointing (and any dropout) applies to it too
             old_logprobs = ref_logprobs = old_values = None
             if cfg.mini_batches > 1:  # later mini-batches need log-probs from before the first update
                 old_logprobs = score_all(lambda r: score_responses(model, r, cfg.temperature)[0], rollout, cfg.micro_batch, autocast)
@@ -415,21 +672,26 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
             # 5) update: the actor (after the critic's warm-up, for PPO) and the critic
             stats = update(cfg, model, optimizer, rollout, adv, old_logprobs, ref_logprobs, autocast, critic, critic_opt,
                            returns, old_values, train_actor=cfg.algo == "grpo" or step >= cfg.critic_warmup)
-            # 6) log
+            # 6) log, and say in plain words what looks wrong
+            skipped_steps += stats["skipped_updates"]
             mask = rollout.response_mask
             groups = rewards.view(-1, cfg.group_size)
             record = {"kind": "train", "step": step + 1, "reward": rewards.mean().item(),
                       "zero_spread_groups": (groups.std(-1) == 0).float().mean().item(),
                       "entropy": masked_mean(rollout.entropies, mask).item(), "length": mask.sum(-1).mean().item(),
                       "truncated": 1 - rollout.stopped.float().mean().item(), "lr": cfg.lr, **stats,
-                      "rollout_s": t_rollout, "step_s": time.time() - t_step}
+                      "skipped_steps": skipped_steps, "rollout_s": t_rollout, "step_s": time.time() - t_step}
             if critic is not None:
                 record["explained_variance"] = explained_variance(old_values, returns, mask)
             if device.type == "cuda":  # the number to watch when sizing a run for your GPU
                 record["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            record["warnings"] = watch.check(record)
             log_metrics(cfg.out_dir, record)
-            bar.set_postfix(reward=f"{record['reward']:.2f}", H=f"{record['entropy']:.2f}", len=f"{record['length']:.0f}",
-                            s=f"{record['step_s']:.0f}")
+            postfix = dict(reward=f"{record['reward']:.2f}", H=f"{record['entropy']:.2f}", len=f"{record['length']:.0f}",
+                           s=f"{record['step_s']:.0f}")
+            if record.get("clip_frac"):  # 0 with one mini-batch (the ratio is 1): shown only when clipping acts
+                postfix["clip"] = f"{record['clip_frac']:.3f}"
+            bar.set_postfix(postfix)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save(step + 1)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and held_out:
@@ -439,6 +701,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
         print(f"\ninterrupted: saving a checkpoint at step {step} to {ckpt_dir}")
         save(step)
         plot_metrics(cfg.out_dir)
+        release_out_dir(cfg)
         raise SystemExit(130)
     save(cfg.steps)
     plot_metrics(cfg.out_dir)
@@ -455,23 +718,28 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     print(f"done in {summary['minutes']:.1f} min; checkpoint in {ckpt_dir}, metrics and plots.png in {cfg.out_dir}")
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    release_out_dir(cfg)
     return summary
 
 
 def main(argv=None):
-    overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = Config()
-    if overrides.get("resume"):  # a resumed run starts from its own saved config; flags given now win
-        path = os.path.join(overrides["resume"], "train_config.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"--resume {overrides['resume']}: no train_config.json there; pass a checkpoint folder train.py wrote")
-        cfg = Config(**json.load(open(path)))
-    cfg = dataclasses.replace(cfg, **overrides)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves a checkpoint too, like Ctrl-C
+    """The command line: one line naming the fix and exit code 2 for any bad input, no traceback."""
     try:
+        overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = Config()
+        if overrides.get("resume"):  # a resumed run starts from its own saved config; flags given now win
+            path = os.path.join(overrides["resume"], "train_config.json")
+            if not os.path.isfile(path):
+                raise ValueError(f"--resume {overrides['resume']}: no train_config.json there; pass a checkpoint folder "
+                                 "train.py wrote, e.g. runs/default/checkpoint")
+            names = {f.name for f in dataclasses.fields(Config)}
+            cfg = Config(**{k: v for k, v in json.load(open(path)).items() if k in names})
+        cfg = dataclasses.replace(cfg, **overrides)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves a checkpoint too, like Ctrl-C
         return train(cfg)
-    except ValueError as e:  # our own clear messages (bad task, bad model, ...), without a traceback
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # our own clear messages (bad option, task, model, folder, ...)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

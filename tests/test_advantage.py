@@ -258,6 +258,54 @@ def test_entropy_bonus_gradient_flows_to_entropy():
     assert close(H.grad, -0.5 * mask / 4, atol=1e-7)   # raising H lowers the loss, padding untouched
 
 
+# veRL's compute_policy_loss_vanilla per token, worked by hand with eps_low 0.2, eps_high 0.28 and
+# clip_ratio_c 3: pg1 = -A*r, pg2 = -A*clip(r, 0.8, 1.28), loss = max(pg1, pg2), and for A < 0 also
+# min(that, -3*A). (ratio, A, loss)
+VERL_TABLE = [
+    (1.0, 1.0, -1.0),     # ratio 1: -A
+    (1.5, 1.0, -1.28),    # max(-1.5, -1.28): clipped high
+    (0.5, 1.0, -0.5),     # max(-0.5, -0.8): unclipped below
+    (4.0, 2.0, -2.56),    # max(-8, -2.56)
+    (0.9, 0.5, -0.45),    # inside the clip range
+    (0.5, -1.0, 0.8),     # max(0.5, 0.8) = 0.8 < 3: clipped low
+    (1.5, -1.0, 1.5),     # max(1.5, 1.28) = 1.5 < 3: unclipped above
+    (1.1, -0.5, 0.55),    # inside the clip range
+    (4.0, -1.0, 3.0),     # max(4, 1.28) = 4, dual-clip: min(4, 3) = 3
+    (4.0, -2.0, 6.0),     # max(8, 2.56) = 8, min(8, 6) = 6
+    (2.5, -2.0, 5.0),     # max(5, 2.56) = 5 < 6: dual-clip does not act
+]
+
+
+@pytest.mark.parametrize("ratio, A, expected", VERL_TABLE)
+def test_policy_loss_matches_a_hand_table_of_verl_values(ratio, A, expected):
+    logp = torch.tensor([[math.log(ratio) - 1.0]])
+    loss, _ = policy_loss(logp, torch.full((1, 1), -1.0), torch.tensor([[A]]), torch.ones(1, 1), eps_low=0.2, eps_high=0.28)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_dual_clip_share_and_its_zero_gradient():
+    ratio = torch.tensor([[4.0, 1.5, 4.0]])
+    A = torch.tensor([[-1.0, -1.0, 1.0]])
+    logp = ratio.log().requires_grad_(True)
+    loss, stats = policy_loss(logp, torch.zeros(1, 3), A, torch.ones(1, 3))
+    assert stats["clip_frac_dual"] == pytest.approx(1 / 3) and stats["clip_frac"] == pytest.approx(2 / 3)
+    loss.backward()
+    # token 0 is dual-clipped and token 2 clipped high: no gradient; token 1: d(ratio*1/3)/dlogp = 1.5/3
+    assert close(logp.grad, [[0.0, 0.5, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("log_ratio", [100.0, -100.0])
+@pytest.mark.parametrize("A", [1.0, -1.0])
+def test_extreme_log_ratios_give_finite_loss_and_gradient(log_ratio, A):
+    logp = torch.tensor([[log_ratio, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-log_ratio, 0.0]])  # the KL term has its own exp
+    loss, stats = policy_loss(logp, torch.zeros(1, 2), torch.tensor([[A, A]]), torch.ones(1, 2),
+                              ref_logprobs=ref, kl_coef=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (loss, logp.grad)
+    assert all(math.isfinite(v) for v in stats.values()), stats
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(kl_coef=0.1), "needs ref_logprobs"),
     (dict(entropy_coef=0.1), "needs entropy"),

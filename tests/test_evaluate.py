@@ -575,3 +575,16 @@ def test_greedy_evaluate_is_reproducible(tiny_model_dir):
     runs = [ev.evaluate(model, tokenizer, problems, n=1, ks=[1], temperature=0, max_new_tokens=4, progress=False)
             for _ in range(2)]
     assert runs[0] == runs[1] and runs[0]["pass_at_k"].keys() == {1}
+
+
+def test_a_missing_gold_answer_or_a_broken_line_is_named(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n\n{"question": "2+2?", "answer": null}\n')
+    with pytest.raises(ValueError, match=r"t, line 3: the answer \('answer'\) is missing or empty"):
+        load_problems(str(path))  # never the gold answer "None", which a reply "None" would match
+    path.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?" "answer": "4"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl, line 2: not valid JSON"):
+        load_problems(str(path))
+    lines = tmp_path / "lines.json"  # JSON lines under a .json name read as before
+    lines.write_text('{"question": "1+1?", "answer": 2}\n{"question": "2+2?", "answer": 4}\n')
+    assert [p.answer for p in load_problems(str(lines))] == ["2", "4"]

@@ -99,8 +99,8 @@ def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny
 
 def test_other_training_settings_are_refused_and_other_eval_settings_redo_the_evaluation(done, tiny_folder, tmp_path,
                                                                                        monkeypatch):
-    with pytest.raises(SystemExit, match=r"plain was trained with other settings \(max_new_tokens: 6 there, 7 now\)"):
-        experiment.main(argv_for(tiny_folder, done, "--max_new_tokens", "7"))
+    with pytest.raises(ValueError, match=r"plain was trained with other settings \(max_new_tokens: 6 there, 7 now\)"):
+        experiment.run_all(*experiment.parse(argv_for(tiny_folder, done, "--max_new_tokens", "7")))
     out = tmp_path / "copy"
     shutil.copytree(done, out)
     monkeypatch.setattr(train, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
@@ -127,5 +127,14 @@ def test_ppo_gets_the_papers_alpha_and_its_own_folder():
     (["--algo", "dpo"], "--algo must be grpo or ppo"),
 ])
 def test_bad_options_give_one_clear_message(argv, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         experiment.parse(argv)
+
+
+def test_overwrite_retrains_both_runs_in_place(done, tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
+    trained = []
+    monkeypatch.setattr(train, "train", lambda cfg: trained.append((cfg.out_dir, cfg.overwrite, cfg.resume)))
+    experiment.main(argv_for(tiny_folder, out, "--overwrite", "true"))
+    assert trained == [(str(out / "plain"), True, ""), (str(out / "entropy"), True, "")]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -95,14 +96,16 @@ def test_command_line_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path
         (["--resume", "/nonexistent"], "no train_config.json"),
     ],
 )
-def test_bad_config_values_give_one_clear_message(argv, message):
-    with pytest.raises(SystemExit, match=message):
+def test_bad_config_values_give_one_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
         train.main(argv + ["--progress", "false"])
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
-def test_unknown_task_is_named(tmp_path, tiny_folder):
-    with pytest.raises(SystemExit, match="no-such-task"):
+def test_unknown_task_is_named(tmp_path, tiny_folder, capsys):
+    with pytest.raises(SystemExit):
         train.main(["--model", tiny_folder, "--task", "no-such-task", "--out_dir", str(tmp_path), "--progress", "false"])
+    assert "no-such-task" in capsys.readouterr().err
 
 
 # --- PPO with a critic (the paper's second algorithm) ------------------------------------------
@@ -159,3 +162,158 @@ def test_ppo_command_line_run_and_resume_restore_the_critic(tmp_path, tiny_folde
     assert a["step"] == b["step"] == 3
     for k in a["critic"]:
         assert torch.equal(a["critic"][k], b["critic"][k]), k
+
+
+# --- correct statistics, safe updates (issue 11) -------------------------------------------------
+
+
+def test_psi_ratio_and_cap_share_are_means_over_the_tokens_with_an_advantage(tiny_folder):
+    """Two groups of 4 rows, the second with equal rewards (A = 0), one micro-batch per group: update()
+    must report what shaping_stats says over the whole batch, not half of it."""
+    from advantage import shaping_stats
+    from rollout import sample, score_responses
+
+    model, tok = load_model(tiny_folder, device="cpu")
+    rollout = sample(model, tok, ["Question: 1+1?\nAnswer:", "Question: 2*3?\nAnswer:"], group_size=4,
+                     max_new_tokens=6, seed=0)
+    cfg = train.resolve_defaults(Config(group_size=4, micro_batch=4, prompts_per_step=2, alpha=0.1))  # the cap binds on some tokens
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # A = 1.5, -0.5 (caps .75, .25), then 0
+    adv, _ = train.compute_advantages(cfg, rollout, rewards)
+    model.train()
+    with torch.no_grad():
+        _, ent = score_responses(model, rollout, cfg.temperature)  # the entropies the update will see
+    whole = shaping_stats(adv, ent, rollout.response_mask, cfg.alpha, cfg.kappa)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = train.update(cfg, model, opt, rollout, adv, None, None, lambda: torch.autocast("cpu", enabled=False))
+    assert 0 < whole["cap_frac"] < 1
+    for key in ("psi_ratio", "cap_frac", "psi_mean"):
+        assert stats[key] == pytest.approx(whole[key], abs=1e-5), key
+    assert stats["skipped_updates"] == 0
+
+
+def test_a_non_finite_step_is_skipped_counted_and_warned(tmp_path, tiny_folder, capsys):
+    model, tok = load_model(tiny_folder, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = tiny_config(tmp_path, tiny_folder, steps=2)
+    train.train(cfg, reward_fn=lambda text, p: float("nan"), model=model, tokenizer=tok)  # NaN advantages, NaN gradients
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["skipped_steps"] for r in rows] == [1, 2]  # cumulative
+    assert any("skipped" in w for w in rows[0]["warnings"])
+    assert "update(s) skipped" in capsys.readouterr().out
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # never applied
+    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["skipped_steps"] == 2
+
+
+def test_defaults_follow_the_algorithm_and_are_printed(tmp_path, tiny_folder, capsys):
+    r = train.resolve_defaults
+    assert (r(Config()).alpha, r(Config(algo="ppo")).alpha, r(Config(algo="ppo", alpha=0.3)).alpha) == (0.4, 0.1, 0.3)
+    assert (r(Config(lr=1e-6)).critic_lr, r(Config(lr=1e-6, critic_lr=5e-6)).critic_lr) == (2e-6, 5e-6)
+    train.train(tiny_config(tmp_path, tiny_folder, algo="ppo", steps=1, lr=3e-4), reward_fn=is_digit)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("config:"))
+    assert json.loads(line[len("config:"):])["alpha"] == 0.1 and json.loads(line[len("config:"):])["critic_lr"] == 6e-4
+    saved = json.load(open(tmp_path / "run" / "checkpoint" / "train_config.json"))
+    assert saved["alpha"] is None and saved["critic_lr"] is None  # saved as given: a resume re-derives them
+
+
+def test_the_critic_trains_in_train_mode(tmp_path, tiny_folder, monkeypatch):
+    from model import Critic
+
+    modes, forward = [], Critic.forward
+    monkeypatch.setattr(Critic, "forward", lambda self, r: modes.append(self.training) or forward(self, r))
+    train.train(tiny_config(tmp_path, tiny_folder, algo="ppo", steps=1), reward_fn=is_digit)
+    assert modes and all(modes)
+
+
+# --- nothing lost, nothing mixed ------------------------------------------------------------------
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_folder):
+    cfg = tiny_config(tmp_path, tiny_folder, steps=1)
+    train.train(cfg, reward_fn=is_digit)
+    with pytest.raises(ValueError, match="holds another run .*--resume .*--overwrite true"):
+        train.train(cfg, reward_fn=is_digit)
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, overwrite=True), reward_fn=is_digit)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1]  # replaced, not appended
+
+
+def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path, tiny_folder):
+    import subprocess
+
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        (out / train.LOCK).write_text(str(live.pid))
+        with pytest.raises(ValueError, match=f"another run \\(PID {live.pid}\\) is writing to"):
+            train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
+    finally:
+        live.kill()
+        live.wait()
+    (out / train.LOCK).write_text(str(live.pid))  # that process is gone now: a stale lock
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
+    assert not (out / train.LOCK).exists()  # released at the end
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_folder, monkeypatch):
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
+    ckpt = tmp_path / "run" / "checkpoint"
+    before = {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)}
+
+    def fail(*a, **k):  # model.safetensors is written by then: the save dies midway
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.torch, "save", fail)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(ckpt), Config(), 5, *load_model(tiny_folder, device="cpu"),
+                              torch.optim.AdamW(torch.nn.Linear(1, 1).parameters()))
+    assert {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)} == before
+    monkeypatch.undo()
+    train.main(["--resume", str(ckpt), "--steps", "2"])  # and it resumes
+
+
+def test_resume_applies_new_flags_and_refuses_what_it_cannot_honour(tmp_path, tiny_folder, capsys):
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, kl_coef=0.1), reward_fn=is_digit)
+    ckpt = str(tmp_path / "run" / "checkpoint")
+    for flag, value in (("--model", "other-model"), ("--algo", "ppo")):
+        with pytest.raises(SystemExit):
+            train.main(["--resume", ckpt, flag, value])
+        assert f"cannot switch to {flag} {value}" in capsys.readouterr().err
+    train.main(["--resume", ckpt, "--steps", "2", "--lr", "0.5"])
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.5]
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    # the KL reference is the starting model: 0 at the first step, and not 0 at the resumed one
+    # (had it been reloaded from the checkpoint, policy and reference would agree there exactly)
+    assert rows[0]["kl_ref"] == 0 and rows[1]["kl_ref"] > 0
+
+
+def test_a_local_task_file_holds_out_a_fixed_share_never_trained_on(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(200)))
+    cfg = train.resolve_defaults(Config(task=str(path), eval_problems=100))
+    problems, held_out = train.load_tasks(cfg)
+    assert 5 <= len(held_out) <= 40 and len(problems) + len(held_out) == 200
+    assert not {p.question for p in problems} & {p.question for p in held_out}
+    assert train.load_tasks(cfg)[1] == held_out  # the same split on every run
+
+
+def test_warnings_say_what_looks_wrong(tmp_path, tiny_folder, capsys):
+    """Reward 0 for 5 steps (so no spread either), answers cut off, a near-greedy policy; then temperature 0."""
+    cfg = tiny_config(tmp_path, tiny_folder, steps=5, max_new_tokens=1, temperature=0.01)
+    train.train(cfg, reward_fn=lambda text, p: 0.0)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    said = capsys.readouterr().out
+    assert [len(r["warnings"]) for r in rows] == [2, 2, 3, 3, 4]  # cut off + entropy; no spread from 3; reward 0 at 5
+    for words in ("no signal", "cut off at --max_new_tokens 1", "collapsed", "reward 0 for 5 steps"):
+        assert any(words in w for w in rows[-1]["warnings"]), words
+        assert said.count(words) == 1, words  # printed once, when it starts
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, temperature=0.0, overwrite=True), reward_fn=is_digit)
+    assert any("--temperature 0" in w for w in json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["warnings"])
+
+
+def test_a_prompt_beyond_the_context_is_refused_with_the_lengths(tmp_path, tiny_folder):
+    # the tiny model has 512 positions
+    with pytest.raises(ValueError, match=r"longest prompt \(\d+ tokens\) plus --max_new_tokens 600 .* context of 512"):
+        train.train(tiny_config(tmp_path, tiny_folder, max_new_tokens=600), reward_fn=is_digit)
