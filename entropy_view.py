@@ -279,7 +279,7 @@ def decode_tokens(tokenizer, ids: list) -> list:
     return texts
 
 
-def sample_answers(model, tokenizer, problems, n, max_new_tokens, temperature, top_p, seed) -> list:
+def sample_answers(model, tokenizer, problems, n, max_new_tokens, temperature, top_p, seed, cuda_graph=None) -> list:
     """n answers per problem, each with its per-token strings and entropies, and graded."""
     from tqdm import tqdm
 
@@ -290,7 +290,7 @@ def sample_answers(model, tokenizer, problems, n, max_new_tokens, temperature, t
     for b in tqdm(range(0, len(problems), per_call), desc="sampling", unit="batch"):
         chunk = problems[b : b + per_call]
         r = sample(model, tokenizer, [format_prompt(tokenizer, p.question) for p in chunk], group_size=n,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b)
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b, cuda_graph=cuda_graph)
         for j in range(r.response_ids.shape[0]):
             keep = r.response_mask[j].bool()  # the answer's tokens, up to and including its stop token
             ids = r.response_ids[j][keep].tolist()
@@ -301,7 +301,7 @@ def sample_answers(model, tokenizer, problems, n, max_new_tokens, temperature, t
 
 
 def main(argv=None):
-    from evaluate import OneLineParser, check_context, check_device, check_sampling, load_problems, make_out_folder
+    from evaluate import OneLineParser, check_context, check_device, check_sampling, cuda_graph_option, load_problems, make_out_folder
 
     p = OneLineParser(description="Colour sampled tokens by entropy; compare pivotal and reflective words.")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id, a model folder or a .gguf file")
@@ -315,6 +315,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; the paper uses 0.95")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--cuda-graph", default="auto", help="auto | true | false: replay decode steps as CUDA graphs (auto: on CUDA)")
     p.add_argument("--out", default="runs/entropy", help="folder for entropy.html and entropy_stats.json")
     args = p.parse_args(argv)
     try:
@@ -323,6 +324,7 @@ def main(argv=None):
         if args.limit < 1:
             raise ValueError(f"--limit must be a positive number of problems, got {args.limit}")
         check_device(args.device)
+        cuda_graph = cuda_graph_option(args.cuda_graph, args.device)
         make_out_folder(args.out)
         from model import load_model
 
@@ -330,7 +332,7 @@ def main(argv=None):
         model, tokenizer = load_model(args.model, device=args.device)
         check_context(model, tokenizer, problems, args.max_new_tokens)
         answers = sample_answers(model, tokenizer, problems, args.n, args.max_new_tokens, args.temperature,
-                                 args.top_p, args.seed)
+                                 args.top_p, args.seed, cuda_graph)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -604,6 +604,18 @@ def check_device(device: str | None):
         raise ValueError(f"--device {device}, but torch sees no GPU here: use --device cpu")
 
 
+def cuda_graph_option(value: str, device: str | None):
+    """--cuda-graph auto|true|false -> what sample() takes (None = auto: on for CUDA, off elsewhere)."""
+    import torch
+
+    if value not in ("auto", "true", "false"):
+        raise ValueError(f"--cuda-graph must be auto, true or false, got '{value}'")
+    on_cuda = device.startswith("cuda") if device not in (None, "auto") else torch.cuda.is_available()
+    if value == "true" and not on_cuda:
+        raise ValueError("--cuda-graph true needs a CUDA device (CUDA graphs do not exist on a CPU): leave it at auto")
+    return {"auto": None, "true": True, "false": False}[value]
+
+
 def check_sampling(n: int, max_new_tokens: int, temperature: float, top_p: float):
     """The ranges of the sampling options evaluate.py and entropy_view.py share."""
     if n < 1 or max_new_tokens < 1:
@@ -702,7 +714,7 @@ def default_ks(n: int) -> list:
 
 
 def evaluate(model, tokenizer, problems, n, ks=None, temperature=0.6, top_p=0.95, max_new_tokens=512,
-             batch_prompts=4, seed=0, out_dir=None, progress=True, grader="ours", info=None) -> dict:
+             batch_prompts=4, seed=0, out_dir=None, progress=True, grader="ours", info=None, cuda_graph=None) -> dict:
     """Sample n answers per problem, grade them, and summarise. Greedy Pass@1: n=1, temperature=0.
 
     Returns pass_at_k {k: value}, accuracy (mean Pass@1) and its standard error over problems,
@@ -727,7 +739,7 @@ def evaluate(model, tokenizer, problems, n, ks=None, temperature=0.6, top_p=0.95
     for b in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
         chunk = problems[b : b + batch_prompts]
         r = sample(model, tokenizer, [format_prompt(tokenizer, p.question) for p in chunk], group_size=n,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b)
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b, cuda_graph=cuda_graph)
         lengths = r.response_mask.sum(-1)  # (N,) tokens per answer, the stop token included
         entropy_sums = (r.entropies * r.response_mask).sum(-1)  # (N,)
         tokens += lengths.sum().item()
@@ -855,6 +867,7 @@ def main(argv=None):
     p.add_argument("--grader", default="ours", choices=["ours", "math-verify"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--cuda-graph", default="auto", help="auto | true | false: replay decode steps as CUDA graphs (auto: on CUDA)")
     p.add_argument("--out", default="out/eval", help="folder for samples.jsonl, summary.json, passk.png")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="plot saved runs' Pass@K together; no model needed")
     args = p.parse_args(argv)
@@ -870,6 +883,7 @@ def main(argv=None):
         if args.batch_prompts < 1:
             raise ValueError(f"--batch-prompts must be positive, got {args.batch_prompts}")
         check_device(args.device)
+        cuda_graph = cuda_graph_option(args.cuda_graph, args.device)
         ks = default_ks(args.n) if args.k is None else _parse_ks(args.k)
         if ks[-1] > args.n:
             raise ValueError(f"--k {ks[-1]} exceeds --n {args.n}: Pass@K needs at least K samples per problem")
@@ -885,7 +899,7 @@ def main(argv=None):
               f"{args.temperature}, top-p {args.top_p}, up to {args.max_new_tokens} new tokens, model {args.model}")
         result = evaluate(model, tokenizer, problems, args.n, ks, args.temperature, args.top_p, args.max_new_tokens,
                           args.batch_prompts, args.seed, out_dir=args.out, grader=args.grader,
-                          info={"model": args.model, "task": args.task, "split": args.split})
+                          info={"model": args.model, "task": args.task, "split": args.split}, cuda_graph=cuda_graph)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

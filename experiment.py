@@ -50,7 +50,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -145,14 +144,15 @@ def eval_stage(label: str, source: str, cfg: Config, n: int, folder: str, precis
     problems = train.held_out_problems(cfg)  # as train.py: a local --task file gives its held-out share
     if len(problems) < cfg.eval_problems:  # arith:1 has ~30 test problems: ask for fewer rather than mislabel
         raise ValueError(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
-    if not precision:  # decided once, as train.py does: float32 weights, bfloat16 autocast where it is faster
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-        precision.update(device=device, bf16=train.choose_precision(device, cfg.dtype))
+    if not precision:  # decided once, as train.py does: float32 weights, autocast where it is faster
+        device = train.pick_device(cfg.device)
+        precision.update(device=device, amp_dtype=train.choose_precision(device, cfg.dtype))
     model, tokenizer = load_model(source, device=precision["device"], dtype=torch.float32)
-    with torch.autocast(precision["device"].type, dtype=torch.bfloat16) if precision["bf16"] else nullcontext():
+    with train.autocast(precision["device"], precision["amp_dtype"]):
         result = evaluate(model, tokenizer, problems, n, ks, EVAL_TEMPERATURE, EVAL_TOP_P, cfg.max_new_tokens,
                           cfg.eval_batch, cfg.seed, out_dir=folder, progress=cfg.progress,
-                          info={"label": label, "task": task, "seed": cfg.seed, "source": source})
+                          info={"label": label, "task": task, "seed": cfg.seed, "source": source},
+                          cuda_graph={"auto": None, "true": True, "false": False}[cfg.cuda_graph])
     del model
     gc.collect()
     return result

@@ -518,6 +518,9 @@ class Critic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
+    def set_recompute(self, on: bool):
+        self.body.set_recompute(on)
+
     @staticmethod
     def from_policy(policy: Transformer) -> "Critic":
         return Critic(policy).to(device=policy.device)

@@ -48,7 +48,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +56,7 @@ import torch
 from advantage import entropy_shaped_advantages, explained_variance, gae_advantages, group_advantages, masked_mean, policy_loss, shaping_stats, value_loss
 from evaluate import check_context, check_device, evaluate, held_out_split, is_correct, is_local_task, load_problems
 from model import Critic, load_model, save_pretrained
-from rollout import Rollout, format_prompt, sample, score_responses
+from rollout import Rollout, format_prompt, graph_stats, sample, score_responses
 
 # -----------------------------------------------------------------------------------------------
 # Configuration: every field can be set from the command line as --name value
@@ -73,8 +73,10 @@ class Config:
     # --- model
     model: str = "smollm2-135m"  # alias, .gguf file, local folder or hub id (see model.load_model)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast over float32 weights)
-    gradient_checkpointing: bool = False  # recompute activations in backward: for big models on one GPU
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast over float32 weights (see choose_precision)
+    cuda_graph: str = "auto"  # auto | true | false: replay each decode step as a CUDA graph (auto: on CUDA)
+    recompute: str = "auto"  # auto | true | false: recompute RMSNorm, SwiGLU, LM head in backward (auto: when memory needs it)
+    gradient_checkpointing: bool = False  # recompute whole blocks in backward: for big models on one GPU
     # --- data
     task: str = "arith"  # arith[:level] | gsm8k | math500 | a local .jsonl/.json/.parquet file
     question_field: str = ""  # the question's field in a local file ("" = question, problem, prompt, ...)
@@ -95,7 +97,8 @@ class Config:
     mini_batches: int = 1  # optimiser updates per rollout (the paper: 16). With 1, every update starts
     #                        from the sampling policy, so the ratio is exactly 1 and clipping never acts
     #                        (clip_frac 0): the update is REINFORCE with a token-mean loss
-    micro_batch: int = 8  # rows per forward/backward; gradients accumulate over a mini-batch
+    micro_batch: str = "auto"  # rows per forward/backward (gradients accumulate over a mini-batch);
+    #                          auto = the most that fit in memory (GPU) / 8, measured fastest (CPU)
     eps_low: float = 0.2  # PPO clip range below 1
     eps_high: float = 0.28  # ... and above 1 (clip-higher, DAPO)
     kl_coef: float = 0.0  # k3 KL to the starting model; 0 = off, as in the paper
@@ -169,9 +172,13 @@ def check_config(cfg: Config):
     need(0 <= cfg.alpha < math.inf, "--alpha must be >= 0 (0.4 for GRPO, 0.1 for PPO, 0 = off)")
     need(0 < cfg.lr < math.inf and 0 < cfg.critic_lr < math.inf, "--lr and --critic_lr must be positive (the paper: 1e-6 and 2e-6)")
     need(cfg.algo in ("grpo", "ppo"), f"--algo must be grpo or ppo, got '{cfg.algo}'")
-    need(cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got '{cfg.dtype}'")
-    need(cfg.steps >= 0 and cfg.prompts_per_step >= 1 and cfg.max_new_tokens >= 1 and cfg.micro_batch >= 1,
-         "--steps must be >= 0; --prompts_per_step, --max_new_tokens and --micro_batch >= 1")
+    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
+    for name in ("cuda_graph", "recompute"):
+        need(getattr(cfg, name) in ("auto", "true", "false"), f"--{name} must be auto, true or false, got '{getattr(cfg, name)}'")
+    need(str(cfg.micro_batch) == "auto" or (str(cfg.micro_batch).isdigit() and int(cfg.micro_batch) >= 1),
+         f"--micro_batch must be auto or a number of rows >= 1, got '{cfg.micro_batch}'")
+    need(cfg.steps >= 0 and cfg.prompts_per_step >= 1 and cfg.max_new_tokens >= 1,
+         "--steps must be >= 0; --prompts_per_step and --max_new_tokens >= 1")
     need(cfg.mini_batches >= 1 and cfg.prompts_per_step % cfg.mini_batches == 0,
          f"--mini_batches must divide --prompts_per_step ({cfg.prompts_per_step}): a group stays in one mini-batch")
     need(0 <= cfg.temperature < math.inf, f"--temperature must be >= 0 (the paper trains at 1.0), got {cfg.temperature}")
@@ -188,22 +195,38 @@ def check_config(cfg: Config):
     if problems:
         raise ValueError("config error: " + "; ".join(problems))
     check_device(None if cfg.device == "auto" else cfg.device)
+    if cfg.cuda_graph == "true" and pick_device(cfg.device).type != "cuda":
+        raise ValueError("--cuda_graph true needs a CUDA device (CUDA graphs do not exist on a CPU): "
+                         "leave it at auto (on for CUDA, off elsewhere)")
 
 
 # -----------------------------------------------------------------------------------------------
 # Set-up: device, precision, data
 
 
-def choose_precision(device: torch.device, dtype: str):
-    """bfloat16 autocast or float32, by what this processor is fast at.
+def pick_device(device: str) -> torch.device:
+    """--device auto: CUDA when torch sees a GPU, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
+
+def choose_precision(device: torch.device, dtype: str):
+    """The autocast dtype for --dtype (None = plain float32), by what this processor is fast at.
+
+    GPUs, by compute capability: 8.0 and up (A100, H100, RTX 30xx/40xx) compute in bfloat16.
+    7.x (V100, T4: free Colab and many classrooms) has float16 tensor cores but no bfloat16, so
+    float16 autocast with a gradient scaler (see Learner): float16 keeps 3 more digits than bfloat16
+    but overflows past 65504, which the forward avoids where it matters (norms, softmax and the
+    loss run in float32) and the scaler handles for gradients. Below 7.0 (P100, K80) float32:
+    without tensor cores float16 buys no speed, only the overflow risk.
     CPUs differ wildly: with native bf16 (AVX512-BF16, AMX) a bf16 matmul is 2-3x faster than
     float32; on an AVX2-only CPU it was 7x *slower*. So on CPU we time one second of matmuls.
+    (float16 on a CPU is there to be asked for, --dtype float16, not picked: few CPUs are fast at it.)
     """
     if dtype != "auto":
-        return dtype == "bfloat16"
+        return None if dtype == "float32" else getattr(torch, dtype)
     if device.type == "cuda":
-        return True
+        major = torch.cuda.get_device_capability(device)[0]
+        return torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else None
     a, b = torch.randn(256, 576), torch.randn(576, 1536)
 
     def rate(x, y):
@@ -214,7 +237,12 @@ def choose_precision(device: torch.device, dtype: str):
             n += 1
         return n / (time.perf_counter() - t)
 
-    return rate(a.bfloat16(), b.bfloat16()) > 1.3 * rate(a, b)
+    return torch.bfloat16 if rate(a.bfloat16(), b.bfloat16()) > 1.3 * rate(a, b) else None
+
+
+def autocast(device: torch.device, amp_dtype):
+    """A fresh autocast context for amp_dtype (None: plain float32, a no-op)."""
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
 
 def batches_of_problems(problems, batch_size: int, seed: int, step: int):
@@ -271,49 +299,102 @@ def compute_advantages(cfg, rollout: Rollout, rewards, values=None):
     return gae_advantages(token_rewards, values, mask, cfg.gamma, cfg.lam)
 
 
-def update(cfg, model, optimizer, rollout, adv, old_logprobs, ref_logprobs, autocast, critic=None, critic_opt=None, returns=None, old_values=None, train_actor=True):
-    """Optimiser steps over mini-batches of the rollout; gradients accumulate over micro-batches."""
+@dataclass
+class Learner:
+    """A network and what updates it: the actor (the policy), or PPO's critic.
+
+    The scaler acts only under float16 autocast (GPUs below compute capability 8.0; see
+    choose_precision): small gradients underflow to 0 in float16, so the loss is multiplied by a
+    large factor before backward and the gradients divided by it again before the step; a step whose
+    gradients overflowed is skipped and the factor lowered. Under bfloat16 or float32 it does nothing.
+    """
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class Targets:
+    """What the update needs besides the rollout, each (N, R); None where unused."""
+
+    adv: torch.Tensor  # advantages before the entropy term (GRPO's group z-score, or PPO's GAE)
+    old_logprobs: torch.Tensor | None = None  # log pi_old with mini_batches > 1 (else the first forward's own)
+    ref_logprobs: torch.Tensor | None = None  # the KL reference's, with kl_coef > 0
+    old_values: torch.Tensor | None = None  # PPO: the critic's values at rollout time (its loss clips to them)
+    returns: torch.Tensor | None = None  # PPO: the critic's targets
+
+
+def update(cfg, actor: Learner, critic: Learner | None, rollout, t: Targets, plan, amp, train_actor=True) -> dict:
+    """Optimiser steps over mini-batches of the rollout; gradients accumulate over micro-batches.
+    amp: a function returning a fresh autocast context (see autocast)."""
     N = rollout.response_ids.shape[0]
     stats, skipped = Means(), 0
     per_mb = N // cfg.mini_batches
     for first in range(0, N, per_mb):
-        rows = range(first, first + per_mb)
-        num_tokens = rollout.response_mask[rows.start : rows.stop].sum()  # the mini-batch's token count
+        rows = slice(first, first + per_mb)
+        while True:
+            try:
+                stats.merge(accumulate_gradients(cfg, actor if train_actor else None, critic, rollout, t, rows, plan, amp))
+                break
+            except torch.OutOfMemoryError:
+                pass  # handled below, once the exception (and the tensors its traceback holds) is gone
+            plan.after_out_of_memory([actor, critic])  # a smaller micro-batch, or a clear error
         if train_actor:
-            optimizer.zero_grad(set_to_none=True)
+            skipped += clipped_step(actor, cfg.grad_clip, stats, "grad_norm")
         if critic is not None:
-            critic_opt.zero_grad(set_to_none=True)
-        for m in range(rows.start, rows.stop, cfg.micro_batch):
-            mb = slice(m, min(m + cfg.micro_batch, rows.stop))
-            part = rollout_rows(rollout, mb)
-            mask = part.response_mask
-            if train_actor:
-                with autocast():
-                    logp, ent = score_responses(model, part, cfg.temperature)  # (n, R) each, with gradients
-                # 1) the paper's term, with H_t of the current policy (detached inside)
-                a = adv[mb]
-                shaped = entropy_shaped_advantages(a, ent, cfg.alpha, cfg.kappa) if cfg.alpha > 0 else a
-                # 2) the old log-probs: with a single update per rollout the policy has not moved yet,
-                #    so they are this forward's own values (ratio exactly 1, no extra forward)
-                old = logp.detach() if old_logprobs is None else old_logprobs[mb]
-                ref = None if ref_logprobs is None else ref_logprobs[mb]
-                loss, s = policy_loss(logp, old, shaped, mask, cfg.eps_low, cfg.eps_high, ref, cfg.kl_coef,
-                                      ent, cfg.entropy_coef, num_tokens=num_tokens)
-                loss.backward()
-                stats.add(s, mask.sum().item())
-                add_shaping_stats(stats, a, ent, mask, cfg)
+            skipped += clipped_step(critic, cfg.grad_clip, stats, "critic_grad_norm")
+    return {**stats.means(), "skipped_updates": skipped, "micro_batch": plan.last_rows, "recompute": plan.recompute}
+
+
+def accumulate_gradients(cfg, actor, critic, rollout, t: Targets, rows: slice, plan, amp) -> "Means":
+    """Forward and backward over one mini-batch's rows, a micro-batch at a time. Each loss is divided
+    by the mini-batch's token count, so the gradients add up to its token-level mean whatever the split."""
+    stats = Means()
+    num_tokens = rollout.response_mask[rows].sum()  # the mini-batch's token count
+    tokens_per_row = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]  # P + R
+    m = rows.start
+    while m < rows.stop:
+        mb = slice(m, min(m + plan.rows(tokens_per_row), rows.stop))
+        part = rollout_rows(rollout, mb)
+        with plan.measure(mb.stop - mb.start, tokens_per_row, rows.stop - rows.start, probe=actor is not None):
+            if actor is not None:
+                actor_loss_backward(cfg, actor, part, t, mb, num_tokens, amp, stats)
             if critic is not None:
-                with autocast():
-                    v = critic(part)  # (n, R)
-                vloss, s = value_loss(v.float(), old_values[mb], returns[mb], mask, cfg.value_clip, num_tokens=num_tokens)
-                vloss.backward()
-                s["value_loss"] = vloss.item() * num_tokens.item() / max(mask.sum().item(), 1)
-                stats.add(s, mask.sum().item())
-        if train_actor:
-            skipped += clipped_step(model, optimizer, cfg.grad_clip, stats, "grad_norm")
-        if critic is not None:
-            skipped += clipped_step(critic, critic_opt, cfg.grad_clip, stats, "critic_grad_norm")
-    return {**stats.means(), "skipped_updates": skipped}
+                critic_loss_backward(cfg, critic, part, t, mb, num_tokens, amp, stats)
+        m = mb.stop
+    return stats
+
+
+def actor_loss_backward(cfg, actor: Learner, part, t: Targets, mb: slice, num_tokens, amp, stats):
+    """The policy's clipped loss on one micro-batch (rows mb of the rollout, `part`), and its backward."""
+    mask = part.response_mask
+    with amp():
+        logp, ent = score_responses(actor.net, part, cfg.temperature)  # (n, R) each, with gradients
+    # 1) the paper's line, A_t + min(alpha * H_t.detach(), |A_t| / kappa), H_t of the current policy
+    a = t.adv[mb]
+    shaped = entropy_shaped_advantages(a, ent, cfg.alpha, cfg.kappa) if cfg.alpha > 0 else a
+    # 2) the old log-probs: with a single update per rollout the policy has not moved yet,
+    #    so they are this forward's own values (ratio exactly 1, no extra forward)
+    old = logp.detach() if t.old_logprobs is None else t.old_logprobs[mb]
+    ref = None if t.ref_logprobs is None else t.ref_logprobs[mb]
+    # 3) the clipped surrogate, a token-level mean over the mini-batch
+    loss, s = policy_loss(logp, old, shaped, mask, cfg.eps_low, cfg.eps_high, ref, cfg.kl_coef,
+                          ent, cfg.entropy_coef, num_tokens=num_tokens)
+    actor.scaler.scale(loss).backward()
+    stats.add(s, mask.sum().item())
+    add_shaping_stats(stats, a, ent, mask, cfg)
+
+
+def critic_loss_backward(cfg, critic: Learner, part, t: Targets, mb: slice, num_tokens, amp, stats):
+    """PPO's clipped value loss on one micro-batch, and its backward."""
+    mask = part.response_mask
+    with amp():
+        v = critic.net(part)  # (n, R)
+    vloss, s = value_loss(v.float(), t.old_values[mb], t.returns[mb], mask, cfg.value_clip, num_tokens=num_tokens)
+    critic.scaler.scale(vloss).backward()
+    s["value_loss"] = vloss.item() * num_tokens.item() / max(mask.sum().item(), 1)
+    stats.add(s, mask.sum().item())
 
 
 class Means:
@@ -327,6 +408,11 @@ class Means:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
             self.weights[k] = self.weights.get(k, 0.0) + weight
+
+    def merge(self, other: "Means"):
+        for k in other.sums:
+            self.sums[k] = self.sums.get(k, 0.0) + other.sums[k]
+            self.weights[k] = self.weights.get(k, 0.0) + other.weights[k]
 
     def means(self) -> dict:
         """{name: mean}; None where nothing was measured (e.g. psi/|A| when every group had A = 0)."""
@@ -343,15 +429,18 @@ def add_shaping_stats(stats: Means, adv, ent, mask, cfg):
     stats.add({"cap_frac": s["cap_frac"], "psi_ratio": s["psi_ratio"]}, shaped_tokens)
 
 
-def clipped_step(model, optimizer, max_norm: float, stats: Means, name: str) -> bool:
+def clipped_step(learner: Learner, max_norm: float, stats: "Means", name: str) -> bool:
     """Clip the global grad norm (logged under `name`, before clipping) and step. A non-finite norm
     (one inf or NaN gradient anywhere) is never applied: clip_grad_norm_ would scale every gradient
-    by NaN. That step is skipped and its gradients dropped; returns True when it was skipped."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    by NaN. That step is skipped and its gradients dropped; returns True when it was skipped.
+    (Under float16 the scaler's first steps overflow by design while it finds its factor.)"""
+    learner.scaler.unscale_(learner.optimizer)  # float16: the gradients back at their true scale
+    norm = torch.nn.utils.clip_grad_norm_(learner.net.parameters(), max_norm).item()
     stats.add({name: norm}, 1)
     if math.isfinite(norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        learner.scaler.step(learner.optimizer)  # = optimizer.step() unless float16
+    learner.scaler.update()  # float16: an overflow lowers the factor for the next step
+    learner.optimizer.zero_grad(set_to_none=True)
     return not math.isfinite(norm)
 
 
@@ -361,13 +450,105 @@ def rollout_rows(r: Rollout, rows: slice) -> Rollout:
 
 
 @torch.no_grad()
-def score_all(fn, rollout: Rollout, micro_batch: int, autocast):
-    """Run fn (a scorer of a Rollout) over the rollout in micro-batches without gradients."""
+def score_all(fn, rollout: Rollout, rows: int, amp):
+    """Run fn (a scorer of a Rollout) over the rollout, `rows` rows at a time, without gradients."""
     outs = []
-    for m in range(0, rollout.response_ids.shape[0], micro_batch):
-        with autocast():
-            outs.append(fn(rollout_rows(rollout, slice(m, m + micro_batch))))
+    for m in range(0, rollout.response_ids.shape[0], rows):
+        with amp():
+            outs.append(fn(rollout_rows(rollout, slice(m, m + rows))))
     return torch.cat(outs).float()
+
+
+# -----------------------------------------------------------------------------------------------
+# Micro-batches sized by memory
+
+CPU_MICRO_BATCH = 8  # rows; measured fastest on a CPU (see the README's Speed section)
+PROBE_ROWS = 8  # rows of the first GPU micro-batch, whose peak memory is measured
+MEMORY_SHARE = 0.8  # of the free GPU memory, what one micro-batch's activations may take
+
+
+class MicroBatchPlan:
+    """How many rows go through one forward and backward, and whether backward recomputes RMSNorm,
+    SwiGLU and the LM head instead of keeping them: fixed by --micro_batch and --recompute, or sized
+    by memory with `auto`.
+
+    Why: a GPU wants the largest micro-batch that fits. On an H200, 128 rows x 128 tokens took 6.52 s
+    in micro-batches of 8 rows, 1.09 s in micro-batches of 32 and 0.51 s in one of 128.
+    auto on a GPU: the run's first training micro-batch (PROBE_ROWS rows) is also a probe: its peak
+    memory per token (P + R tokens a row), against the memory free, gives the most rows that fit in
+    MEMORY_SHARE of it. --recompute auto probes without recomputation, the faster way; if a whole
+    mini-batch would then not fit in one micro-batch, recomputation goes on and the probe is
+    repeated. Should memory run out all the same, the micro-batch is halved and the mini-batch redone.
+    auto on a CPU: CPU_MICRO_BATCH rows, and no recomputation (there it only cost time).
+    """
+
+    def __init__(self, cfg, device, learners: list):
+        self.fixed = None if str(cfg.micro_batch) == "auto" else int(cfg.micro_batch)
+        self.gpu = device.type == "cuda"
+        self.recompute_auto = cfg.recompute == "auto"
+        self.nets = [learner.net for learner in learners]
+        self.optimizers = [learner.optimizer for learner in learners]
+        self.bytes_per_token = None  # measured by the probe (GPU, auto)
+        self.cap = None  # the most rows after an out-of-memory error
+        self.last_rows = None
+        self.set_recompute(cfg.recompute == "true")
+
+    def set_recompute(self, on: bool):
+        self.recompute = on
+        for net in self.nets:
+            net.set_recompute(on)
+
+    def rows(self, tokens_per_row: int) -> int:
+        """Rows for the next micro-batch (the caller stops at the end of the mini-batch)."""
+        if self.fixed:
+            rows = self.fixed
+        elif not self.gpu:
+            rows = CPU_MICRO_BATCH
+        elif self.bytes_per_token is None:
+            rows = PROBE_ROWS
+        else:
+            rows = max(1, int(MEMORY_SHARE * self.free_bytes() / (self.bytes_per_token * tokens_per_row)))
+        self.last_rows = min(rows, self.cap or rows)
+        return self.last_rows
+
+    def free_bytes(self) -> int:
+        """GPU memory a micro-batch's activations may use: free on the device, plus what torch's
+        allocator holds unused, minus what the step will still claim: gradients not yet made, and
+        AdamW's two moments (8 bytes a parameter) before its first step."""
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        for net, opt in zip(self.nets, self.optimizers):
+            params = list(net.parameters())
+            free -= sum(p.numel() * p.element_size() for p in params if p.grad is None)
+            if not opt.state:
+                free -= sum(2 * p.numel() * 4 for p in params)
+        return max(free, 0)
+
+    @contextmanager
+    def measure(self, rows: int, tokens_per_row: int, mini_batch_rows: int, probe: bool):
+        """Around one micro-batch's forward and backward: with auto on a GPU, the first is the probe."""
+        if not (probe and self.gpu and self.fixed is None and self.bytes_per_token is None):
+            yield
+            return
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        self.bytes_per_token = (torch.cuda.max_memory_allocated() - base) / (rows * tokens_per_row)
+        if self.recompute_auto and not self.recompute and self.rows(tokens_per_row) < mini_batch_rows:
+            self.set_recompute(True)  # a mini-batch would not fit in one micro-batch: recompute, and
+            self.bytes_per_token = None  # measure again (the next micro-batch is a probe once more)
+
+    def after_out_of_memory(self, learners: list):
+        """Out of memory in a mini-batch: drop its gradients and halve the micro-batch (auto), else stop."""
+        if self.fixed or (self.last_rows or 1) <= 1:
+            raise ValueError(f"out of GPU memory with micro-batches of {self.last_rows} rows: use --micro_batch auto, "
+                             "a smaller --micro_batch, --recompute true or --gradient_checkpointing true")
+        for learner in learners:
+            if learner is not None:
+                learner.optimizer.zero_grad(set_to_none=True)
+        self.cap = self.last_rows // 2
+        torch.cuda.empty_cache()
+        print(f"out of GPU memory at {self.last_rows} rows per micro-batch: redoing the mini-batch with {self.cap}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -451,7 +632,7 @@ def plot_metrics(out_dir: str):
     plt.close(fig)
 
 
-def save_checkpoint(folder, cfg, step, model, tokenizer, optimizer, critic=None, critic_opt=None, skipped_steps=0):
+def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic: Learner | None = None, skipped_steps=0):
     """A folder transformers can load (config.json, model.safetensors, tokenizer), plus our state.
 
     Written into folder + ".tmp" and renamed into place only when complete: a save interrupted
@@ -460,10 +641,11 @@ def save_checkpoint(folder, cfg, step, model, tokenizer, optimizer, critic=None,
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier interrupted save
     save_pretrained(model, tokenizer, tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "python_rng": random.getstate(), "skipped_steps": skipped_steps}
+    state = {"step": step, "optimizer": actor.optimizer.state_dict(), "scaler": actor.scaler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "skipped_steps": skipped_steps}
     if critic is not None:
-        state.update(critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict())
+        state.update(critic=critic.net.state_dict(), critic_optimizer=critic.optimizer.state_dict(),
+                     critic_scaler=critic.scaler.state_dict())
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "train_config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
@@ -565,18 +747,22 @@ def keep_metrics_up_to(out_dir: str, step: int):
             f.writelines(rows)
 
 
-def restore(cfg: Config, optimizer, critic=None, critic_opt=None) -> tuple:
+def restore(cfg: Config, actor: Learner, critic: Learner | None = None) -> tuple:
     """Load a checkpoint's optimiser, RNG and critic state -> (step, skipped_steps). The flags given
     now win: the learning rates and weight decay are set on the restored optimisers."""
     state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    actor.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # float16 runs only: the gradient scaler's current factor
+        actor.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     if critic is not None:
-        critic.load_state_dict(state["critic"])
-        critic_opt.load_state_dict(state["critic_optimizer"])
-    for opt, lr in ((optimizer, cfg.lr), (critic_opt, cfg.critic_lr)):
-        for group in opt.param_groups if opt is not None else []:
+        critic.net.load_state_dict(state["critic"])
+        critic.optimizer.load_state_dict(state["critic_optimizer"])
+        if state.get("critic_scaler"):
+            critic.scaler.load_state_dict(state["critic_scaler"])
+    for learner, lr in ((actor, cfg.lr), (critic, cfg.critic_lr)):
+        for group in learner.optimizer.param_groups if learner is not None else []:
             group.update(lr=lr, weight_decay=cfg.weight_decay)
     if os.path.realpath(os.path.dirname(os.path.normpath(cfg.resume))) == os.path.realpath(cfg.out_dir):
         keep_metrics_up_to(cfg.out_dir, state["step"])
@@ -601,11 +787,13 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     reward_fn = reward_fn or (lambda text, p: float(is_correct(text, p.answer)))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    use_bf16 = choose_precision(device, cfg.dtype)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()  # noqa: E731
-    print(f"device {device}, precision: {'bfloat16 autocast' if use_bf16 else 'float32'}"
-          f"{' (measured faster here)' if cfg.dtype == 'auto' and device.type == 'cpu' and use_bf16 else ''}")
+    device = pick_device(cfg.device)
+    amp_dtype = choose_precision(device, cfg.dtype)
+    amp = lambda: autocast(device, amp_dtype)  # noqa: E731  a fresh autocast context (a no-op in float32)
+    cuda_graph = {"auto": None, "true": True, "false": False}[cfg.cuda_graph]  # None: sample() decides (on for CUDA)
+    print(f"device {device}, precision: {str(amp_dtype)[6:] + ' autocast' if amp_dtype else 'float32'}"
+          f"{' (measured faster here)' if cfg.dtype == 'auto' and device.type == 'cpu' and amp_dtype else ''}"
+          f"{', gradient scaler' if amp_dtype == torch.float16 else ''}")
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # alpha and critic_lr as resolved
 
     # 1) model (weights stay float32: Adam's small updates vanish in bfloat16), data, optimiser
@@ -614,23 +802,26 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     check_context(model, tokenizer, problems + held_out, cfg.max_new_tokens, "--max_new_tokens")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    critic = critic_opt = None
+    scaler = lambda: torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # noqa: E731
+    actor, critic = Learner(model, optimizer, scaler()), None
     if cfg.algo == "ppo":
-        critic = Critic.from_policy(model).to(device)  # started from the policy's weights, as veRL does
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+        critic_net = Critic.from_policy(model).to(device)  # started from the policy's weights, as veRL does
+        critic_opt = torch.optim.AdamW(critic_net.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+        critic = Learner(critic_net, critic_opt, scaler())
+    plan = MicroBatchPlan(cfg, device, [actor] + ([critic] if critic else []))
     ref_model = None
     if cfg.kl_coef > 0:  # the KL reference is the starting model, for a resumed run too (never the checkpoint)
         ref_model = load_model(cfg.model, device=device, dtype=torch.float32)[0] if cfg.resume else copy.deepcopy(model)
         ref_model.eval().requires_grad_(False)
-    start, skipped_steps = restore(cfg, optimizer, critic, critic_opt) if cfg.resume else (0, 0)
+    start, skipped_steps = restore(cfg, actor, critic) if cfg.resume else (0, 0)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
-    save = lambda step: save_checkpoint(ckpt_dir, given, step, model, tokenizer, optimizer, critic, critic_opt, skipped_steps)  # noqa: E731
+    save = lambda step: save_checkpoint(ckpt_dir, given, step, model, tokenizer, actor, critic, skipped_steps)  # noqa: E731
 
     def run_eval(step):
         model.eval()
-        with autocast():
+        with amp():
             res = evaluate(model, tokenizer, held_out, n=1, ks=[1], temperature=0, max_new_tokens=cfg.max_new_tokens,
-                           batch_prompts=cfg.eval_batch, progress=cfg.progress)
+                           batch_prompts=cfg.eval_batch, progress=cfg.progress, cuda_graph=cuda_graph)
         log_metrics(cfg.out_dir, {"kind": "eval", "step": step, "accuracy": res["accuracy"], "accuracy_se": res["accuracy_se"],
                                   "num_problems": len(held_out), "mean_length": res["mean_length"]})
         print(f"step {step}: held-out greedy pass@1 {res['accuracy']:.3f} +- {res['accuracy_se']:.3f} on {len(held_out)} problems")
@@ -649,10 +840,10 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
             # 2) rollout: G answers per prompt, sampled without gradients
             batch = batches_of_problems(problems, cfg.prompts_per_step, cfg.seed, step)
             model.eval()
-            with autocast():
+            with amp():
                 rollout = sample(model, tokenizer, [format_prompt(tokenizer, p.question) for p in batch],
-                                 group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step)
+                                 group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step, cuda_graph=cuda_graph)
             t_rollout = time.time() - t_step
             # 3) reward: grade every answer against its problem's gold answer
             rewards = torch.tensor([reward_fn(text, batch[i // cfg.group_size]) for i, text in enumerate(rollout.texts)],
@@ -660,18 +851,18 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
             # 4) advantages (before the entropy term, which needs the training forward's H_t)
             model.train()
             if critic is not None:
-                critic.train()  # train mode: gradient checkpointing (and any dropout) applies to it too
-            old_logprobs = ref_logprobs = old_values = None
+                critic.net.train()  # train mode: gradient checkpointing (and any dropout) applies to it too
+            t = Targets(adv=None)
+            rows = plan.rows(rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1])  # no gradients: a training micro-batch is plenty
             if cfg.mini_batches > 1:  # later mini-batches need log-probs from before the first update
-                old_logprobs = score_all(lambda r: score_responses(model, r, cfg.temperature)[0], rollout, cfg.micro_batch, autocast)
+                t.old_logprobs = score_all(lambda r: score_responses(model, r, cfg.temperature)[0], rollout, rows, amp)
             if ref_model is not None:
-                ref_logprobs = score_all(lambda r: score_responses(ref_model, r, cfg.temperature)[0], rollout, cfg.micro_batch, autocast)
+                t.ref_logprobs = score_all(lambda r: score_responses(ref_model, r, cfg.temperature)[0], rollout, rows, amp)
             if critic is not None:
-                old_values = score_all(critic, rollout, cfg.micro_batch, autocast)  # (N, R)
-            adv, returns = compute_advantages(cfg, rollout, rewards, old_values)
+                t.old_values = score_all(critic.net, rollout, rows, amp)  # (N, R)
+            t.adv, t.returns = compute_advantages(cfg, rollout, rewards, t.old_values)
             # 5) update: the actor (after the critic's warm-up, for PPO) and the critic
-            stats = update(cfg, model, optimizer, rollout, adv, old_logprobs, ref_logprobs, autocast, critic, critic_opt,
-                           returns, old_values, train_actor=cfg.algo == "grpo" or step >= cfg.critic_warmup)
+            stats = update(cfg, actor, critic, rollout, t, plan, amp, train_actor=cfg.algo == "grpo" or step >= cfg.critic_warmup)
             # 6) log, and say in plain words what looks wrong
             skipped_steps += stats["skipped_updates"]
             mask = rollout.response_mask
@@ -682,9 +873,10 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
                       "truncated": 1 - rollout.stopped.float().mean().item(), "lr": cfg.lr, **stats,
                       "skipped_steps": skipped_steps, "rollout_s": t_rollout, "step_s": time.time() - t_step}
             if critic is not None:
-                record["explained_variance"] = explained_variance(old_values, returns, mask)
+                record["explained_variance"] = explained_variance(t.old_values, t.returns, mask)
             if device.type == "cuda":  # the number to watch when sizing a run for your GPU
                 record["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                record.update(graph_stats(model))  # decode graphs recorded so far, and the seconds that took
             record["warnings"] = watch.check(record)
             log_metrics(cfg.out_dir, record)
             postfix = dict(reward=f"{record['reward']:.2f}", H=f"{record['entropy']:.2f}", len=f"{record['length']:.0f}",

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -183,8 +184,9 @@ def test_psi_ratio_and_cap_share_are_means_over_the_tokens_with_an_advantage(tin
     with torch.no_grad():
         _, ent = score_responses(model, rollout, cfg.temperature)  # the entropies the update will see
     whole = shaping_stats(adv, ent, rollout.response_mask, cfg.alpha, cfg.kappa)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = train.update(cfg, model, opt, rollout, adv, None, None, lambda: torch.autocast("cpu", enabled=False))
+    actor = train.Learner(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False))
+    plan = train.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
+    stats = train.update(cfg, actor, None, rollout, train.Targets(adv), plan, lambda: torch.autocast("cpu", enabled=False))
     assert 0 < whole["cap_frac"] < 1
     for key in ("psi_ratio", "cap_frac", "psi_mean"):
         assert stats[key] == pytest.approx(whole[key], abs=1e-5), key
@@ -265,8 +267,9 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny
 
     monkeypatch.setattr(train.torch, "save", fail)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(ckpt), Config(), 5, *load_model(tiny_folder, device="cpu"),
-                              torch.optim.AdamW(torch.nn.Linear(1, 1).parameters()))
+        model, tok = load_model(tiny_folder, device="cpu")
+        actor = train.Learner(model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+        train.save_checkpoint(str(ckpt), Config(), 5, model, tok, actor)
     assert {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)} == before
     monkeypatch.undo()
     train.main(["--resume", str(ckpt), "--steps", "2"])  # and it resumes
@@ -317,3 +320,82 @@ def test_a_prompt_beyond_the_context_is_refused_with_the_lengths(tmp_path, tiny_
     # the tiny model has 512 positions
     with pytest.raises(ValueError, match=r"longest prompt \(\d+ tokens\) plus --max_new_tokens 600 .* context of 512"):
         train.train(tiny_config(tmp_path, tiny_folder, max_new_tokens=600), reward_fn=is_digit)
+
+
+# --- precision, micro-batches and recomputation (issue 10) --------------------------------------
+
+
+def test_float16_with_a_gradient_scaler_learns_on_cpu(tmp_path, tiny_folder):
+    """--dtype float16 (what T4 and V100 get) runs the gradient-scaler path; CPUs run it too, so the
+    suite tests it: the scaler's factor is saved with the checkpoint, and the model still learns."""
+    cfg = tiny_config(tmp_path, tiny_folder, dtype="float16", steps=30, lr=1e-2, max_new_tokens=1, group_size=8)
+    train.train(cfg, reward_fn=is_digit)
+    rewards = [json.loads(l)["reward"] for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
+    assert sum(rewards[-3:]) / 3 > 0.9, rewards
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0  # an enabled scaler (a disabled one saves {})
+
+
+def test_auto_micro_batch_on_cpu_is_the_measured_size_and_recompute_stays_off(tmp_path, tiny_folder):
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, prompts_per_step=4, group_size=4), reward_fn=is_digit)
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert row["micro_batch"] == train.CPU_MICRO_BATCH and row["recompute"] is False
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_token_mean(tiny_folder, monkeypatch):
+    """An out-of-memory error in a mini-batch (faked here: more than 3 rows "do not fit") drops its
+    gradients and redoes it with half the rows; the step equals one taken with that size from the start."""
+    import rollout as rollout_module
+    from rollout import sample
+
+    model, tok = load_model(tiny_folder, device="cpu")
+    ro = sample(model, tok, ["1+1?", "2*3?"], group_size=4, max_new_tokens=6, seed=0)
+    adv = train.compute_advantages(train.resolve_defaults(Config(group_size=4)), ro, torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1]))[0]
+    real_score = rollout_module.score_responses
+
+    def score_or_oom(net, part, temperature):
+        if part.response_ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("fake: too many rows")
+        return real_score(net, part, temperature)
+
+    grads = {}
+    for micro_batch in ("auto", "2"):
+        net = load_model(tiny_folder, device="cpu")[0].train()
+        cfg = train.resolve_defaults(Config(group_size=4, prompts_per_step=2, micro_batch=micro_batch))
+        actor = train.Learner(net, torch.optim.SGD(net.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False))
+        plan = train.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
+        monkeypatch.setattr(train, "score_responses", score_or_oom)
+        before = [p.detach().clone() for p in net.parameters()]
+        stats = train.update(cfg, actor, None, ro, train.Targets(adv), plan, nullcontext)
+        grads[micro_batch] = [b - p.detach() for b, p in zip(before, net.parameters())]  # lr 1: the step is the gradient
+        assert stats["micro_batch"] == 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads["auto"], grads["2"]))
+
+
+def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(monkeypatch):
+    """The GPU logic of MicroBatchPlan, with torch.cuda's memory counters faked: a probe of 8 rows x
+    100 tokens that peaks 8 MB above its start costs 10 kB a token; with 1.25 GB free, 80% of it fits
+    1,000 rows of 100 tokens. A mini-batch of 2,000 rows then needs recomputation; of 500, not."""
+    for mini_batch_rows, expect_recompute in ((500, False), (2000, True)):
+        cuda = {"allocated": 10**9, "peak": 10**9 + 8 * 10**6}
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: cuda["allocated"])
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: cuda["peak"])
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: cuda["allocated"])
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(1.25e9), int(80e9)))
+        net = torch.nn.Linear(2, 2)
+        net.set_recompute = lambda on: setattr(net, "recomputing", on)
+        opt = torch.optim.AdamW(net.parameters())
+        opt.state[next(net.parameters())] = {}  # as after a first step: AdamW's moments exist
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)  # ... and so do the gradients: nothing more to set aside
+        plan = train.MicroBatchPlan(Config(), torch.device("cuda"), [train.Learner(net, opt, None)])
+        assert plan.rows(100) == train.PROBE_ROWS and net.recomputing is False
+        with plan.measure(train.PROBE_ROWS, 100, mini_batch_rows, probe=True):
+            pass
+        assert net.recomputing is expect_recompute and plan.recompute is expect_recompute
+        if not expect_recompute:
+            assert plan.bytes_per_token == 10_000 and plan.rows(100) == 1000
+        else:
+            assert plan.bytes_per_token is None and plan.rows(100) == train.PROBE_ROWS  # the probe again
