@@ -18,8 +18,15 @@ the ratio is the result. The table is printed and written as JSON (--out).
     4   training step (our forward at response positions, chunked logits, GRPO loss, backward) vs
         transformers' model with full logits -> log_softmax -> gather -> the same loss: time, peak memory
     5   CUDA only, the Qwen2.5-0.5B architecture with random weights in bfloat16 (the config is
-        written below: nothing to download): row 1 at 64 rows x 512 new tokens, the same with each
-        decode step replayed as a CUDA graph (sample(cuda_graph=True)), and row 4 for one micro-batch
+        written below: nothing to download): row 1 at 64 rows x 512 new tokens, eager (5a) and with
+        each decode step replayed as a CUDA graph (5b, the default on CUDA), and row 4 for one
+        micro-batch without recomputation (5c, 5d: what --recompute auto picks when memory allows)
+    6   a whole GRPO step of train.py (rollout, reward, advantages, update with --micro_batch auto)
+        against the obvious loop built from transformers: generate, then a forward and backward with
+        the same loss in micro-batches of 32 rows; 32 prompts x 8 samples x 256 new tokens, on the
+        SmolLM2-135M (6a) and Qwen2.5-0.5B (6b) architectures. GPU rows; --quick runs them on toys.
+    7   evaluate() (16 problems x 64 samples x 128 new tokens, graded) against generate() on the same
+        rows, graded the same way. A GPU row; --quick runs it on a toy.
 
 Simplifications: the rows on random weights (quick mode, row 5) use a tokenizer with one token per
 byte, built here in a few lines, so nothing is downloaded. Row 4's rollout is random tokens with
@@ -35,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -52,6 +60,8 @@ FULL = dict(
     r3_prompt_len=32, r3_new=(64, 256), r3_repeats=(3, 1),
     r4_rows=16, r4_prompt_len=64, r4_response_len=192, r4_repeats=3,
     r5_prompts=8, r5_group=8, r5_prompt_len=64, r5_new=512, r5_repeats=3, r5_train_rows=8,
+    r6_prompts=32, r6_group=8, r6_prompt_len=64, r6_new=256, r6_repeats=2,
+    r7_problems=16, r7_samples=64, r7_prompt_len=64, r7_new=128, r7_repeats=2,
 )
 QUICK = dict(
     r1_prompts=2, r1_group=2, r1_prompt_len=12, r1_new=8, r1_repeats=2,
@@ -59,6 +69,8 @@ QUICK = dict(
     r3_prompt_len=8, r3_new=(4, 8), r3_repeats=(2, 2),
     r4_rows=4, r4_prompt_len=8, r4_response_len=16, r4_repeats=2,
     r5_prompts=2, r5_group=2, r5_prompt_len=16, r5_new=8, r5_repeats=2, r5_train_rows=4,
+    r6_prompts=2, r6_group=4, r6_prompt_len=12, r6_new=8, r6_repeats=1,
+    r7_problems=2, r7_samples=4, r7_prompt_len=12, r7_new=8, r7_repeats=1,
 )
 TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -81,6 +93,17 @@ def qwen25_05b_config(**shrink):
 # Models and text
 
 
+def smollm2_config(**shrink):
+    """The SmolLM2-135M architecture (a Llama: 30 layers, 9 query and 3 key/value heads, tied embeddings)."""
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+               rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    cfg.update(shrink)
+    return LlamaConfig(**cfg)
+
+
 def byte_tokenizer():
     """A tokenizer with one token per byte plus <|endoftext|> (id 256), made offline.
 
@@ -99,11 +122,16 @@ def byte_tokenizer():
 
 def random_qwen(device, dtype, **shrink):
     """(transformers model, our model) of the Qwen2.5 architecture, with the same random weights."""
-    from transformers import Qwen2ForCausalLM
+    return random_model(qwen25_05b_config(**shrink), device, dtype)
+
+
+def random_model(config, device, dtype):
+    """(transformers model, our model) of a config, with the same random weights."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        hf = Qwen2ForCausalLM(qwen25_05b_config(**shrink))
+        hf = AutoModelForCausalLM.from_config(config)
     hf = hf.to(dtype).eval()
     return hf, Transformer.from_hf(hf).eval()
 
@@ -239,22 +267,24 @@ def result(row, what, ours, baseline, unit, target, note=""):
 # The baselines we write ourselves
 
 
-def hf_generate(hf, tokenizer, prompts, group_size, new_tokens):
+def hf_generate(hf, tokenizer, prompts, group_size, new_tokens, keep=False, temperature=1.0, top_p=1.0):
     """transformers' generate on the rows sample(prompts, group_size) makes: each prompt G times,
-    left-padded; plain sampling at temperature 1 (no top-k/top-p), EOS ignored, so every row makes
-    new_tokens tokens. Returns a function that runs it."""
+    left-padded; sampling at `temperature` (no top-k), EOS ignored, so every row makes new_tokens
+    tokens. Returns a function that runs it (and, with keep, returns the ids and attention mask)."""
     from transformers import GenerationConfig
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids = enc["input_ids"].repeat_interleave(group_size, 0).to(hf.device)
     mask = enc["attention_mask"].repeat_interleave(group_size, 0).to(hf.device)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
 
     def run():
         with torch.no_grad():
             out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         assert out.shape[1] == ids.shape[1] + new_tokens, "generate stopped early: EOS was not ignored"
+        if keep:
+            return out, torch.cat([mask, torch.ones_like(out[:, ids.shape[1] :])], 1)
 
     return run
 
@@ -335,9 +365,9 @@ def training_steps(ours, hf, rollout):
 
 
 def row_sampler(row, hf, model, tok, n_prompts, G, prompt_len, new, repeats, target, device):
-    """Row 1 (and 5a): tokens per second of sample() and of generate() on the same rows."""
+    """Row 1 (and 5a): tokens per second of sample(), decoding eagerly, and of generate() on the same rows."""
     prompts = text_prompts(n_prompts, prompt_len, tok)
-    ours = lambda k: lambda: sample(model, tok, prompts, group_size=G, max_new_tokens=k, ignore_eos=True)  # noqa: E731
+    ours = lambda k: lambda: sample(model, tok, prompts, group_size=G, max_new_tokens=k, ignore_eos=True, cuda_graph=False)  # noqa: E731
     base = lambda k: hf_generate(hf, tok, prompts, G, k)  # noqa: E731
     ours(4)(), base(4)()  # warm-up on a few tokens
     t_ours, t_base = compare_times(ours(new), base(new), repeats, device)
@@ -419,6 +449,84 @@ def row_training(row, memory_row, hf, model, N, P, R, repeats, device):
     ]
 
 
+def pseudo_rewards(texts, device):
+    """A reward for random weights: 1 for an even number of characters. Arbitrary, but it gives groups
+    a spread, so the update has advantages to work with, as a real one would."""
+    return torch.tensor([float(len(t) % 2 == 0) for t in texts], device=device)
+
+
+def row_grpo_step(row, hf, model, tok, S, device, name):
+    """Row 6: one whole GRPO step of train.py against the obvious loop built from transformers."""
+    import train
+    from advantage import group_advantages
+
+    B, G, new = S["r6_prompts"], S["r6_group"], S["r6_new"]
+    prompts = text_prompts(B, S["r6_prompt_len"], tok)
+    cfg = train.resolve_defaults(train.Config(prompts_per_step=B, group_size=G, max_new_tokens=new, lr=1e-6))
+    actor = train.Learner(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), torch.amp.GradScaler(enabled=False))
+    plan = train.MicroBatchPlan(cfg, device, [actor])
+
+    def ours():  # train.py's loop body: rollout -> reward -> advantages (+ the paper's term inside update) -> update
+        model.eval()
+        rollout = sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=cfg.temperature)
+        rewards = pseudo_rewards(rollout.texts, device)
+        model.train()
+        adv, _ = train.compute_advantages(cfg, rollout, rewards)
+        train.update(cfg, actor, None, rollout, train.Targets(adv), plan, nullcontext)
+
+    generate = hf_generate(hf, tok, prompts, G, new, keep=True)
+    opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)
+
+    def base():  # generate, grade, the group z-score, then forward and backward with the same loss
+        hf.eval()
+        ids, attn = generate()  # (N, P + new): the prompts (left-padded) and the responses
+        P = ids.shape[1] - new
+        texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
+        adv = group_advantages(pseudo_rewards(texts, device), G)[:, None].expand(-1, new)  # (N, R)
+        mask = torch.ones(ids.shape[0], new, device=device)  # EOS ignored: every token counts
+        hf.train()
+        for m in range(0, ids.shape[0], 32):
+            part = slice(m, m + 32)
+            logits = hf(input_ids=ids[part], attention_mask=attn[part]).logits  # (n, P + R, V)
+            logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1].gather(-1, ids[part, P:, None]).squeeze(-1)
+            policy_loss(logp, logp.detach(), adv[part], mask[part], num_tokens=mask.sum())[0].backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ours(), base()  # warm-up: records the decode graphs, measures the micro-batch
+    t_ours, t_base = compare_times(ours, base, S["r6_repeats"], device)
+    model.eval(), hf.eval()
+    what = f"GRPO step vs transformers loop, {name}: {B} prompts x {G}, {new} new tokens (s)"
+    note = f"ours: micro-batches of {plan.last_rows} rows, recompute {'on' if plan.recompute else 'off'}"
+    return result(row, what, t_ours, t_base, "s", ">= 4.0x", note=note)
+
+
+def row_evaluate(hf, model, tok, S, device):
+    """Row 7: evaluate() against generate() on the same rows, both graded the same way."""
+    from evaluate import Problem, evaluate, is_correct
+    from rollout import format_prompt
+
+    n, new = S["r7_samples"], S["r7_new"]
+    questions = text_prompts(S["r7_problems"], S["r7_prompt_len"], tok, seed=1)
+    problems = [Problem(q, "42", f"bench-{i}") for i, q in enumerate(questions)]
+    ours = lambda: evaluate(model, tok, problems, n, max_new_tokens=new, batch_prompts=len(problems), progress=False)  # noqa: E731
+    generate = hf_generate(hf, tok, [format_prompt(tok, q) for q in questions], n, new, keep=True,
+                           temperature=0.6, top_p=0.95)
+
+    def base():
+        ids, _ = generate()
+        texts = tok.batch_decode(ids[:, -new:], skip_special_tokens=True)
+        return [is_correct(t, "42") for t in texts]
+
+    ours(), base()  # warm-up
+    t_ours, t_base = compare_times(ours, base, S["r7_repeats"], device)
+    n_tokens = len(problems) * n * new
+    what = f"evaluate() vs generate: {len(problems)} problems x {n} samples, {new} new tokens, graded (tok/s)"
+    return result("7", what, n_tokens / t_ours, n_tokens / t_base, "tok/s", ">= 8.0x",
+                  note="generate ignores EOS here, ours stops a row at EOS: with random weights almost none does")
+
+
 # -----------------------------------------------------------------------------------------------
 # The run
 
@@ -475,6 +583,9 @@ def main(argv=None):
         rows += progress(row_kv_cache(model, tok, S, device), start)
         rows += progress(row_training("4a", "4b", hf, model, S["r4_rows"], S["r4_prompt_len"], S["r4_response_len"],
                                       S["r4_repeats"], device), start)
+        if args.quick:  # the GPU rows' code paths, on the toy (their full sizes would take an hour on a CPU)
+            rows += progress([row_grpo_step("6", hf, model, tok, S, device, "toy")], start)
+            rows += progress([row_evaluate(hf, model, tok, S, device)], start)
     else:
         (hf, model), tok = random_qwen(device, torch.bfloat16, **(TOY if args.quick else {})), byte_tokenizer()
         name = "Qwen2.5-0.5B architecture (random weights)" if not args.quick else "toy Qwen2 (random weights)"
@@ -482,9 +593,16 @@ def main(argv=None):
         row, t_generate = row_sampler("5a", hf, model, tok, S["r5_prompts"], S["r5_group"], S["r5_prompt_len"], S["r5_new"],
                                       S["r5_repeats"], ">= 2.0x", device)
         rows += progress([row], start)
+        model.set_recompute(False)  # what --recompute auto picks when a mini-batch fits (it does here)
         rows += progress(row_training("5c", "5d", hf, model, S["r5_train_rows"], S["r5_prompt_len"], S["r5_new"],
                                       S["r5_repeats"], device), start)
-        rows.insert(1, progress([row_cuda_graph(hf, model, tok, S, t_generate, device)], start)[0])  # last: a failed capture spoils nothing else
+        rows.insert(1, progress([row_cuda_graph(hf, model, tok, S, t_generate, device)], start)[0])
+        rows += progress([row_evaluate(hf, model, tok, S, device)], start)
+        rows += progress([row_grpo_step("6b", hf, model, tok, S, device, "Qwen2.5-0.5B shape")], start)
+        del hf, model
+        hf, model = random_model(smollm2_config(**(TOY if args.quick else {})), device, torch.bfloat16)
+        rows += progress([row_grpo_step("6a", hf, model, tok, S, device, "SmolLM2-135M shape")], start)
+        rows.sort(key=lambda r: r["row"])
     elapsed = time.time() - start
     print()
     print_table(rows)

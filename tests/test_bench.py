@@ -23,7 +23,7 @@ def test_quick_run_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--out", str(out)])
     info = json.loads(out.read_text())
-    assert [r["row"] for r in info["rows"]] == ["1", "1b", "2", "3a", "3b", "4a", "4b"]
+    assert [r["row"] for r in info["rows"]] == ["1", "1b", "2", "3a", "3b", "4a", "4b", "6", "7"]
     for r in info["rows"]:
         for key in ("ours", "baseline", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["row"], key, r[key])
@@ -148,9 +148,3 @@ def test_ignore_eos_makes_every_token(toy):
     full = sample(eos_model, tok, ["hi there"], group_size=2, max_new_tokens=6, temperature=0, ignore_eos=True)
     assert full.response_ids.shape == (2, 6) and (full.response_ids == tok.eos_token_id).all()
     assert full.response_mask.all() and not full.stopped.any()
-
-
-def test_cuda_graph_needs_cuda(toy):
-    _, model, tok = toy
-    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
-        sample(model, tok, ["hi"], max_new_tokens=2, cuda_graph=True)
