@@ -2,9 +2,9 @@
 bench.py -- how fast and how lean our sampler and training step are, against `transformers`.
 
     python bench.py                  # CPU: SmolLM2-135M, rows 1-4 (under 10 minutes on 2 cores)
-    python bench.py --quick          # rows 1-4 at toy sizes on a tiny random model (under a minute)
-    python bench.py --device cuda    # row 5: the Qwen2.5-0.5B shape with random weights, bfloat16
-    python bench.py --device cuda --quick    # row 5 at toy sizes: a smoke test before the real run
+    python bench.py --quick          # rows 1-4, 6 and 7 at toy sizes on a tiny random model (about a minute)
+    python bench.py --device cuda    # rows 5-7: SmolLM2 and Qwen2.5-0.5B shapes with random weights, bfloat16
+    python bench.py --device cuda --quick    # rows 5-7 at toy sizes: a smoke test before the real run
 
 Every row runs two things in one process, on the same weights and the same batch: ours, and the
 obvious alternative. Each is warmed up, then the two are timed in turn (A, B, A, B, ...) so that a
@@ -28,7 +28,7 @@ the ratio is the result. The table is printed and written as JSON (--out).
     7   evaluate() (16 problems x 64 samples x 128 new tokens, graded) against generate() on the same
         rows, graded the same way. A GPU row; --quick runs it on a toy.
 
-Simplifications: the rows on random weights (quick mode, row 5) use a tokenizer with one token per
+Simplifications: the rows on random weights (quick mode, rows 5-7) use a tokenizer with one token per
 byte, built here in a few lines, so nothing is downloaded. Row 4's rollout is random tokens with
 ragged lengths: speed and memory do not depend on what the tokens say.
 """
@@ -552,7 +552,7 @@ def print_table(rows):
 
 def main(argv=None):
     parser = OneLineParser(description="Speed and memory against transformers (see the docstring).")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 on SmolLM2-135M; cuda: row 5")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 on SmolLM2-135M; cuda: rows 5-7")
     parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model, to check that every row runs")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
     args = parser.parse_args(argv)

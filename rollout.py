@@ -367,7 +367,8 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     R = int(response_mask.any(0).nonzero().max()) + 1  # steps decoded after every row had stopped hold only padding
     response_ids, response_mask, logps, ents = response_ids[:, :R], response_mask[:, :R], logps[:R], ents[:R]
     stopped = is_stop.any(-1)
-    texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(response_ids, response_mask)], skip_special_tokens=True)
+    ids_cpu, mask_cpu = response_ids.cpu(), response_mask.bool().cpu()  # one copy, not one per row
+    texts = tokenizer.batch_decode([ids[m].tolist() for ids, m in zip(ids_cpu, mask_cpu)], skip_special_tokens=True)
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(G, 0),
         prompt_mask=prompt_mask.repeat_interleave(G, 0),
