@@ -206,3 +206,52 @@ def _char_tok():
     from conftest import char_tokenizer
 
     return char_tokenizer()
+
+
+# --- on a GPU: the recorded graphs (skipped without CUDA; bench.py --device cuda times them) -----
+# Random weights of the SmolLM2 shape and a byte tokenizer: nothing to download or install there.
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _random_smollm2_on_cuda():
+    import bench
+
+    hf, model = bench.random_model(bench.smollm2_config(), "cuda", torch.float32)
+    del hf
+    return model, bench.byte_tokenizer()
+
+
+@CUDA
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_graph_replay_equals_eager_decoding_on_cuda(temperature):
+    """In float32, the replayed graph gives the eager path's tokens exactly and its log-probs to 1e-5
+    (greedy and seeded; 4 prompts x 3 = 12 rows in a 16-row bucket, 64 tokens)."""
+    model, tok = _random_smollm2_on_cuda()
+    qs = [format_prompt(tok, q) for q in QUESTIONS + ["What is 12 * 12?"]]
+    kw = dict(group_size=3, max_new_tokens=64, temperature=temperature, seed=5)
+    eager = sample(model, tok, qs, cuda_graph=False, **kw)
+    graph = sample(model, tok, qs, cuda_graph=True, **kw)
+    assert torch.equal(eager.response_ids, graph.response_ids)
+    assert torch.allclose(eager.logprobs, graph.logprobs, atol=1e-5)
+    assert torch.allclose(eager.entropies, graph.entropies, atol=1e-5)
+
+
+@CUDA
+def test_cuda_graph_under_autocast_follows_the_weights():
+    """train.py samples float32 weights under bfloat16 autocast, then the optimiser changes them in
+    place: a graph recorded before the change must decode with the new weights (it would not if it
+    had captured autocast's cached bfloat16 copies, which are freed when the autocast block ends)."""
+    model, tok = _random_smollm2_on_cuda()
+    model.train()  # parameters that require grad: the ones autocast caches casts of
+    qs = [format_prompt(tok, q) for q in QUESTIONS]
+    kw = dict(group_size=4, max_new_tokens=16, temperature=0.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sample(model, tok, qs, cuda_graph=True, **kw)  # records the graph
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # as an optimiser step would, in place (and visibly)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graph = sample(model, tok, qs, cuda_graph=True, **kw)
+        eager = sample(model, tok, qs, cuda_graph=False, **kw)
+    assert torch.equal(graph.response_ids, eager.response_ids)
+    assert torch.allclose(graph.logprobs, eager.logprobs, atol=1e-3)

@@ -399,3 +399,13 @@ def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(m
             assert plan.bytes_per_token == 10_000 and plan.rows(100) == 1000
         else:
             assert plan.bytes_per_token is None and plan.rows(100) == train.PROBE_ROWS  # the probe again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_short_run_on_cuda_uses_graphs_and_sizes_its_micro_batches(tmp_path, tiny_folder):
+    """The CUDA defaults end to end: graphs recorded once per bucket, a measured micro-batch."""
+    train.train(tiny_config(tmp_path, tiny_folder, device="cuda", dtype="auto", steps=3, eval_problems=4,
+                            task="arith", max_new_tokens=8), reward_fn=is_digit)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
+    assert rows[-1]["cuda_graphs"] <= 2 and rows[-1]["graph_record_s"] > 0  # one bucket for training, one for evaluation
+    assert all(r["micro_batch"] >= 1 for r in rows) and rows[-1]["micro_batch"] >= rows[0]["micro_batch"]
