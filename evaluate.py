@@ -662,8 +662,25 @@ def make_out_folder(path: str, what: str = "--out"):
         raise ValueError(f"{what} {path}: cannot create it ({e.strerror}); name another folder") from None
 
 
+def _dashed(arg: str) -> str:
+    """--max_new_tokens=5 -> --max-new-tokens=5; values and other arguments stay as they are."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("_", "-") + eq + value
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad option gives one line naming the fix (exit code 2), without the usage block."""
+    """argparse, but a bad option gives one line naming the fix (exit code 2), without the usage block;
+    --help shows every default; and --max_new_tokens works as well as --max-new-tokens (train.py's
+    spelling), so a flag copied from one script to another is never refused for its dashes."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_args([_dashed(a) for a in args], namespace)
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -862,10 +879,11 @@ def main(argv=None):
     p.add_argument("--k", default=None, help="comma-separated K values (default 1, 2, 4, ... up to n)")
     p.add_argument("--temperature", type=float, default=0.6, help="the paper evaluates at 0.6 (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; the paper uses 0.95")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="response budget in tokens (a longer answer is cut off, graded wrong)")
     p.add_argument("--batch-prompts", type=int, default=4, help="prompts per sampling call (each has n rows)")
-    p.add_argument("--grader", default="ours", choices=["ours", "math-verify"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grader", default="ours", choices=["ours", "math-verify"],
+                   help="ours (rule-based, the training reward) or math-verify (symbolic; pip install math-verify)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch b samples with seed + b); arith's problem seed")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--cuda-graph", default="auto", help="auto | true | false: replay decode steps as CUDA graphs (auto: on CUDA)")
     p.add_argument("--out", default="out/eval", help="folder for samples.jsonl, summary.json, passk.png")

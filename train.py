@@ -44,6 +44,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -123,8 +124,30 @@ class Config:
 DEFAULT_ALPHA = {"grpo": 0.4, "ppo": 0.1}  # the paper's Appendix B
 
 
+def config_help() -> str:
+    """Every option with its default and its comment, grouped as in Config. Read from Config's own
+    source, so the comment next to a field is the one place where a knob is explained."""
+    import inspect
+
+    lines = ["usage: python train.py [--name value ...]   (--name_with_underscores or --name-with-dashes; -h: this)"]
+    for text in (line.strip() for line in inspect.getsource(Config).splitlines()[2:]):
+        field = re.match(r"(\w+): [^=]+= (.+?)(?:\s+# (.*))?$", text)
+        if text.startswith("# ---"):
+            lines.append("\n" + text.lstrip("# -").strip())
+        elif text.startswith("#"):  # a comment that goes on from the field above
+            lines.append(" " * 36 + text.lstrip("# ").strip())
+        elif field:
+            name, default, comment = field.groups()
+            lines.append(f"  --{name:<20} {default:<10} {comment or ''}".rstrip())
+    return "\n".join(lines)
+
+
 def parse_args(argv) -> dict:
-    """['--lr', '1e-6', ...] -> {'lr': 1e-06, ...}, each value checked against the field's type."""
+    """['--lr', '1e-6', ...] -> {'lr': 1e-06, ...}, each value checked against the field's type.
+    -h or --help prints config_help() and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(config_help())
+        raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     overrides = {}
     it = iter(argv)

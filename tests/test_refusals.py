@@ -174,3 +174,28 @@ def test_bad_input_is_refused_in_one_line(script, message, files, tmp_path, caps
 
 def test_the_table_is_long_enough():
     assert len(CASES) >= 40
+
+
+# --- help, and both spellings of an option ------------------------------------------------------
+
+
+@pytest.mark.parametrize("main", [train.main, evaluate.main, entropy_view.main, bench.main])
+def test_help_exits_0_and_lists_every_option(main, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    if main is train.main:  # every Config field, with its default
+        for f in train.dataclasses.fields(train.Config):
+            assert re.search(rf"--{f.name} +\S", out), f.name
+    else:
+        assert "(default:" in out
+
+
+@pytest.mark.parametrize("flag", ["--max_new_tokens", "--max-new-tokens"])
+def test_both_spellings_reach_the_same_option(flag, capsys):
+    """train.py says --max_new_tokens, evaluate.py --max-new-tokens: each script takes both."""
+    for main, args in ((evaluate.main, ["--model", NO_MODEL]), (train.main, ["--model", NO_MODEL, "--progress", "false"])):
+        with pytest.raises(SystemExit) as stop:
+            main([*args, flag, "0"])
+        assert stop.value.code == 2 and "max" in capsys.readouterr().err  # refused for its value, not its name
