@@ -16,12 +16,12 @@ or run this file, which trains on one of our tasks with our grader as the reward
 
     python trl_entropy.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --output_dir runs/trl-gsm8k
 
-(on a CPU add `--use_cpu true --bf16 false`; the test runs it that way on a tiny model)
-
-and eight GPUs (accelerate starts one process per GPU; every GRPOConfig field is a flag):
+and eight GPUs (accelerate starts one process per GPU; every GRPOConfig field is a flag; not run by us):
 
     accelerate launch --num_processes 8 trl_entropy.py --model Qwen/Qwen2.5-Math-1.5B --task math_train.jsonl \
         --per_device_train_batch_size 8 --num_generations 8 --max_completion_length 3000 --output_dir runs/trl-math
+
+On a CPU add `--use_cpu true --bf16 false` (the test runs the command line that way on a tiny model).
 
 What we verified and what we did not (tests/test_trl_entropy.py, trl 1.16.0, CPU, one process): the
 advantages that reach TRL's loss equal `advantage.entropy_shaped_advantages` on response tokens;
