@@ -5,6 +5,7 @@ train.py -- GRPO (or PPO) with the entropy-shaped advantage of Cheng et al. (202
     python train.py --alpha 0 --out_dir runs/plain     # the same run as plain GRPO (one folder holds one run)
     python train.py --algo ppo --out_dir runs/ppo      # PPO with a critic (alpha 0.1), the paper's second set of runs
     python train.py --resume runs/default/checkpoint   # continue a run exactly where it stopped
+    python train.py --log tensorboard                  # curves also in TensorBoard: tensorboard --logdir runs
 
 One step of the loop is the whole pipeline, one function call per arrow:
 
@@ -40,6 +41,7 @@ Our choices, and where we simplify against the paper (its Appendix B):
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -71,6 +73,7 @@ class Config:
     overwrite: bool = False  # replace the run already in out_dir (otherwise it is refused, never mixed)
     save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     progress: bool = True  # tqdm bars
+    log: str = ""  # also log to "tensorboard" (in out_dir/tensorboard) or "wandb" (offline); "" = metrics.jsonl only
     # --- model
     model: str = "smollm2-135m"  # alias, .gguf file, local folder or hub id (see model.load_model)
     device: str = "auto"  # auto | cpu | cuda
@@ -218,6 +221,7 @@ def check_config(cfg: Config):
     if problems:
         raise ValueError("config error: " + "; ".join(problems))
     check_device(None if cfg.device == "auto" else cfg.device)
+    MetricsLogger.check(cfg)
     if cfg.cuda_graph == "true" and pick_device(cfg.device).type != "cuda":
         raise ValueError("--cuda_graph true needs a CUDA device (CUDA graphs do not exist on a CPU): "
                          "leave it at auto (on for CUDA, off elsewhere)")
@@ -629,6 +633,55 @@ def log_metrics(out_dir: str, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+class MetricsLogger:
+    """log(record) writes metrics.jsonl and, with --log, the same numbers to TensorBoard or W&B.
+
+    metrics.jsonl stays the record of truth (plots.png and the tests read it); the others are views.
+    A record's numbers go under "<kind>/<name>" (train/reward, eval/accuracy) at x = its step.
+    """
+
+    INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
+
+    @classmethod
+    def check(cls, cfg):
+        """Called by check_config, before the model loads: a missing package should cost a second."""
+        if cfg.log not in ("", *cls.INSTALL):
+            raise ValueError(f"--log must be tensorboard or wandb (or empty for metrics.jsonl only), got '{cfg.log}'")
+        if cfg.log and importlib.util.find_spec(cfg.log) is None:
+            raise ValueError(f"--log {cfg.log} needs the {cfg.log} package: {cls.INSTALL[cfg.log]}")
+
+    def __init__(self, cfg):
+        self.out_dir, self.kind = cfg.out_dir, cfg.log
+        if cfg.log == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))  # tensorboard --logdir runs
+            self.writer.add_text("config", json.dumps(dataclasses.asdict(cfg), indent=1))
+        elif cfg.log == "wandb":
+            import wandb
+
+            # offline by default (no account, no network; `wandb sync` uploads later); WANDB_MODE=online to stream
+            self.writer = wandb.init(project="entropy-rl", dir=cfg.out_dir, config=dataclasses.asdict(cfg),
+                                     mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def __call__(self, record: dict):
+        log_metrics(self.out_dir, record)
+        numbers = {f"{record['kind']}/{k}": v for k, v in record.items()
+                   if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.kind == "tensorboard":
+            for tag, v in numbers.items():
+                self.writer.add_scalar(tag, v, record["step"])
+            self.writer.flush()  # a step takes seconds: flushing each one keeps the file whole even if killed
+        elif self.kind == "wandb":
+            self.writer.log(numbers, step=record["step"])
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "wandb":
+            self.writer.finish()  # an offline run's files are complete only after this
+
+
 def plot_metrics(out_dir: str):
     """plots.png: reward, entropy, response length and psi/|A| over steps (+ the critic's, for PPO)."""
     import matplotlib
@@ -808,6 +861,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     problems, held_out = load_tasks(cfg, problems)
     claim_out_dir(cfg)
     reward_fn = reward_fn or (lambda text, p: float(is_correct(text, p.answer)))
+    log = MetricsLogger(cfg)  # metrics.jsonl, and --log's TensorBoard or W&B
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -845,8 +899,8 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
         with amp():
             res = evaluate(model, tokenizer, held_out, n=1, ks=[1], temperature=0, max_new_tokens=cfg.max_new_tokens,
                            batch_prompts=cfg.eval_batch, progress=cfg.progress, cuda_graph=cuda_graph)
-        log_metrics(cfg.out_dir, {"kind": "eval", "step": step, "accuracy": res["accuracy"], "accuracy_se": res["accuracy_se"],
-                                  "num_problems": len(held_out), "mean_length": res["mean_length"]})
+        log({"kind": "eval", "step": step, "accuracy": res["accuracy"], "accuracy_se": res["accuracy_se"],
+             "num_problems": len(held_out), "mean_length": res["mean_length"]})
         print(f"step {step}: held-out greedy pass@1 {res['accuracy']:.3f} +- {res['accuracy_se']:.3f} on {len(held_out)} problems")
         return res
 
@@ -901,7 +955,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
                 record["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 record.update(graph_stats(model))  # decode graphs recorded so far, and the seconds that took
             record["warnings"] = watch.check(record)
-            log_metrics(cfg.out_dir, record)
+            log(record)
             postfix = dict(reward=f"{record['reward']:.2f}", H=f"{record['entropy']:.2f}", len=f"{record['length']:.0f}",
                            s=f"{record['step_s']:.0f}")
             if record.get("clip_frac"):  # 0 with one mini-batch (the ratio is 1): shown only when clipping acts
@@ -916,6 +970,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
         print(f"\ninterrupted: saving a checkpoint at step {step} to {ckpt_dir}")
         save(step)
         plot_metrics(cfg.out_dir)
+        log.close()
         release_out_dir(cfg)
         raise SystemExit(130)
     save(cfg.steps)
@@ -930,6 +985,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
             summary.update(start_accuracy=first["accuracy"], start_se=first["accuracy_se"], diff_se=se)
             print(f"held-out pass@1 {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
                   f"(difference {last['accuracy'] - first['accuracy']:+.3f}, {((last['accuracy'] - first['accuracy']) / se if se else 0):.1f} standard errors)")
+    log.close()
     print(f"done in {summary['minutes']:.1f} min; checkpoint in {ckpt_dir}, metrics and plots.png in {cfg.out_dir}")
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
