@@ -69,14 +69,18 @@ def test_wandb_gets_the_same_numbers_offline(tmp_path, tiny_folder, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
-def test_a_missing_package_is_named_before_the_model_loads(backend, monkeypatch, tmp_path):
+def test_a_missing_package_is_named_before_the_model_loads(backend, monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == backend else real(name, *a))
     # the model folder does not exist: had train.py loaded it first, that error would be the one raised
-    with pytest.raises(SystemExit, match=f"^error: --log {backend} needs the {backend} package: pip install {backend}$"):
-        train.main(["--log", backend, "--model", "/nonexistent/folder", "--out_dir", str(tmp_path), "--progress", "false"])
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--log", backend, "--model", "/nonexistent/folder", "--out_dir", str(tmp_path / "run"), "--progress", "false"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --log {backend} needs the {backend} package: pip install {backend}\n"
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
-def test_an_unknown_backend_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="--log must be tensorboard or wandb"):
+def test_an_unknown_backend_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         train.main(["--log", "mlflow", "--out_dir", str(tmp_path), "--progress", "false"])
+    assert stop.value.code == 2 and "--log must be tensorboard or wandb" in capsys.readouterr().err
