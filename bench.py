@@ -531,6 +531,33 @@ def row_evaluate(hf, model, tok, S, device):
 # The run
 
 
+def profile_row1(S, device):
+    """torch.profiler over 32 decode steps of row 1's rows, ours and generate's: the operators by
+    their share of the CPU time. (Prefill and set-up are taken out by profiling a 1-token call too.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    hf, model, tok = (*random_qwen(device, torch.float32, **TOY), byte_tokenizer()) if S is QUICK else smollm2()
+    prompts = text_prompts(S["r1_prompts"], S["r1_prompt_len"], tok)
+    runs = {"ours": lambda k: lambda: sample(model, tok, prompts, group_size=S["r1_group"], max_new_tokens=k,
+                                             ignore_eos=True, cuda_graph=False),
+            "generate": lambda k: hf_generate(hf, tok, prompts, S["r1_group"], k)}
+    shares = {}
+    for name, run in runs.items():
+        run(4)()  # warm-up
+        totals = []
+        for k in (1, 33):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(k)()
+            totals.append({e.key: e.self_cpu_time_total for e in prof.key_averages()})
+        decode = {op: t - totals[0].get(op, 0) for op, t in totals[1].items()}  # 32 decode steps' worth
+        whole = sum(max(t, 0) for t in decode.values())
+        shares[name] = {op: t / whole for op, t in sorted(decode.items(), key=lambda kv: -kv[1])[:8]}
+        print(f"{name}: {whole / 32 / 1000:.1f} ms of CPU time per decode step")
+        for op, share in shares[name].items():
+            print(f"  {op:<55} {100 * share:5.1f}%")
+    return shares
+
+
 def progress(rows, start):
     """One line per finished row while the run goes on (the table comes at the end)."""
     for r in rows:
@@ -553,6 +580,7 @@ def print_table(rows):
 def main(argv=None):
     parser = OneLineParser(description="Speed and memory against transformers (see the docstring).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 on SmolLM2-135M; cuda: rows 5-7")
+    parser.add_argument("--profile", action="store_true", help="instead of the rows: where row 1's decode steps spend their time")
     parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model, to check that every row runs")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
     args = parser.parse_args(argv)
@@ -564,6 +592,8 @@ def main(argv=None):
         sys.exit(2)
     device = torch.device(args.device)
     S = QUICK if args.quick else FULL
+    if args.profile:
+        return profile_row1(S, device)
     start = time.time()
     rows = []
     if device.type == "cpu":

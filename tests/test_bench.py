@@ -148,3 +148,12 @@ def test_ignore_eos_makes_every_token(toy):
     full = sample(eos_model, tok, ["hi there"], group_size=2, max_new_tokens=6, temperature=0, ignore_eos=True)
     assert full.response_ids.shape == (2, 6) and (full.response_ids == tok.eos_token_id).all()
     assert full.response_mask.all() and not full.stopped.any()
+
+
+def test_profile_splits_a_decode_step_by_operator():
+    """--profile: for each sampler, the operators' shares of 32 decode steps' CPU time (top 8)."""
+    shares = bench.main(["--profile", "--quick"])
+    assert set(shares) == {"ours", "generate"}
+    for top in shares.values():
+        assert 0 < len(top) <= 8 and 0 < sum(top.values()) <= 1 + 1e-9
+        assert list(top.values()) == sorted(top.values(), reverse=True)
