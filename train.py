@@ -802,6 +802,12 @@ def check_resume(cfg: Config):
     mid-run (the weights and the optimiser state belong to them). Every other flag given now applies."""
     if not cfg.resume:
         return
+    old = os.path.normpath(cfg.resume) + ".old"
+    if not os.path.exists(cfg.resume) and os.path.isfile(os.path.join(old, "trainer_state.pt")):
+        # save_checkpoint moves the previous checkpoint aside before moving the new one in: a crash
+        # between the two renames leaves the previous one whole, under this name
+        raise ValueError(f"--resume {cfg.resume}: its last save was cut short; the checkpoint before it is whole in "
+                         f"{old}: pass --resume {old}")
     for name in ("train_config.json", "trainer_state.pt", "model.safetensors"):
         if not os.path.isfile(os.path.join(cfg.resume, name)):
             raise ValueError(f"--resume {cfg.resume}: no {name} there; pass a checkpoint folder train.py wrote, "
@@ -1001,8 +1007,7 @@ def main(argv=None):
         if overrides.get("resume"):  # a resumed run starts from its own saved config; flags given now win
             path = os.path.join(overrides["resume"], "train_config.json")
             if not os.path.isfile(path):
-                raise ValueError(f"--resume {overrides['resume']}: no train_config.json there; pass a checkpoint folder "
-                                 "train.py wrote, e.g. runs/default/checkpoint")
+                check_resume(Config(resume=overrides["resume"]))  # says what is missing, or where the whole checkpoint is
             names = {f.name for f in dataclasses.fields(Config)}
             cfg = Config(**{k: v for k, v in json.load(open(path)).items() if k in names})
         cfg = dataclasses.replace(cfg, **overrides)

@@ -275,6 +275,19 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny
     train.main(["--resume", str(ckpt), "--steps", "2"])  # and it resumes
 
 
+def test_a_save_cut_between_its_two_renames_names_the_whole_checkpoint(tmp_path, tiny_folder, capsys):
+    """The old checkpoint is moved aside, then the new one moved in: cut in between, only
+    checkpoint.old is there. --resume of the usual path says where the whole one is, and it resumes."""
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
+    ckpt = tmp_path / "run" / "checkpoint"
+    os.rename(ckpt, str(ckpt) + ".old")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(ckpt), "--steps", "2"])
+    assert f"pass --resume {ckpt}.old" in capsys.readouterr().err
+    train.main(["--resume", str(ckpt) + ".old", "--steps", "2", "--progress", "false"])
+    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 2
+
+
 def test_resume_applies_new_flags_and_refuses_what_it_cannot_honour(tmp_path, tiny_folder, capsys):
     train.train(tiny_config(tmp_path, tiny_folder, steps=1, kl_coef=0.1), reward_fn=is_digit)
     ckpt = str(tmp_path / "run" / "checkpoint")
