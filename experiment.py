@@ -3,8 +3,8 @@ experiment.py -- the paper's question in miniature: does the entropy advantage k
 coverage (Pass@K at large K) that plain GRPO gives up? Several seeds per arm, every arm of a seed
 seeing the same problems in the same order, Pass@K for K = 1..n with 95% bootstrap intervals.
 
-    python experiment.py                           # --size cpu: 2 seeds x 2 arms, n = 32 (~60 min on 2 cores)
-    python experiment.py --size gpu                # 3 seeds x 2 arms, n = 256 (estimate: under 10 min on one H100)
+    python experiment.py                           # --size cpu: 2 seeds x 2 arms, n = 32 (estimate: ~1 h on 2 cores)
+    python experiment.py --size gpu                # 3 seeds x 2 arms, n = 256 (estimate: ~8 min on one H100)
     python experiment.py --arms plain,entropy,entreg   # a third arm: classic entropy regularisation (Table 3)
     python experiment.py --algo ppo                # the same comparison for PPO (alpha 0.1, the paper's value)
     python experiment.py --seeds 3 --steps 40      # any train.py Config field works: --name value
@@ -40,15 +40,19 @@ problems only.
 
 OUT is runs/experiment/<algo>-<size> unless --out_dir says otherwise.
 
-The sizes (train.py's other defaults stay: token-level loss, clip-higher 0.2/0.28, no KL):
-  cpu  arith:4 (word problems, see the README's task measurements), 2 seeds x 2 arms x 16 steps of
-       4 prompts x 8 answers in 2 mini-batches (so the ratio moves off 1 and the clip acts), up to
-       96 new tokens, lr 1e-5; 24 held-out problems x n = 32. Estimate on 2 idle cores: training
-       4 runs x 16 steps x ~25 s = 27 min, evaluation 5 models x 24 x 32 answers at ~150 tokens/s = 30 min.
-  gpu  the same task and budget, 3 seeds x 2 arms x 30 steps of 32 prompts x 8 answers in 4 mini-batches,
-       lr 1e-5; 64 held-out problems x n = 256. An estimate, not a measurement (no GPU here): on an
-       H200 a decode step replayed as a CUDA graph takes 6-12 ms, so a 96-token rollout is ~1 s and
-       a step with its 4 updates ~3 s: 6 runs x 30 x 3 s = 9 min ... too close; see the README.
+The sizes (train.py's other defaults stay: token-level loss, clip-higher 0.2/0.28, no KL, lr 1e-5).
+Both use arith:3 (two-digit sums and differences, two digits by one) with up to 128 new tokens: the
+README's task measurements say why, and what is still unmeasured. Neither size has been timed yet:
+  cpu  2 seeds x 2 arms x 12 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves
+       off 1 and the clip acts); 24 held-out problems x n = 32. Estimated from the README's CPU rates
+       on 2 free cores: training 4 runs x 12 steps x ~30 s = 24 min, evaluation 5 models x 24 x 32
+       answers of up to 128 tokens at ~300 tokens/s = 27 min, loading and entropy samples ~5 min.
+  gpu  3 seeds x 2 arms x 15 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
+       x n = 256. Estimated, not measured (no GPU here): on an H200 a decode step replayed as a CUDA
+       graph takes 6-12 ms, so a 128-token rollout takes 1-1.5 s and a step with its scoring forward
+       and 4 updates ~3 s: 6 runs x 15 x 3 s = 4.5 min, plus ~15 s per run to load and record graphs
+       (1.5 min); evaluation 7 models x 6 calls of 8 x 256 rows x 128 steps at ~20 ms = 2 min.
+       In all about 8 minutes, with an uncertainty of a few minutes either way.
 """
 
 import dataclasses
@@ -69,35 +73,37 @@ from model import load_model
 from train import Config
 
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95  # the paper's evaluation settings
-ENTROPY_PROBLEMS, ENTROPY_ANSWERS = 8, 8  # answers sampled token by token for entropy_view's statistics
+ENTROPY_PROBLEMS, ENTROPY_ANSWERS = 4, 8  # answers sampled token by token for entropy_view's statistics
 DRAWS = 2000  # bootstrap replicates
 ARMS = ("plain", "entropy", "entreg")
 ENTREG_COEF = 1e-3  # the entreg arm's --entropy_coef unless given
 
 # The sizes: train.py Config values, then the experiment's own (seeds, n). Flags given win.
 SIZES = {
-    "cpu": dict(config=dict(task="arith:4", max_new_tokens=96, steps=16, prompts_per_step=4, group_size=8,
+    "cpu": dict(config=dict(task="arith:3", max_new_tokens=128, steps=12, prompts_per_step=4, group_size=8,
                             mini_batches=2, eval_problems=24, eval_batch=2),
                 seeds=2, n=32),
-    "gpu": dict(config=dict(task="arith:4", max_new_tokens=96, steps=30, prompts_per_step=32, group_size=8,
-                            mini_batches=4, eval_problems=64, eval_batch=8),
+    "gpu": dict(config=dict(task="arith:3", max_new_tokens=128, steps=15, prompts_per_step=32, group_size=8,
+                            mini_batches=4, eval_problems=48, eval_batch=8),
                 seeds=3, n=256),
 }
 
 HELP = f"""usage: python experiment.py [--size cpu|gpu] [--seeds K] [--arms plain,entropy[,entreg]] [--n N]
                           [any train.py Config field as --name value]
 
-  --size   cpu (default): 2 seeds x 2 arms, 16 steps of 4 x 8 answers, 24 held-out problems, n = 32;
-           about an hour on 2 CPU cores.
-           gpu: 3 seeds x 2 arms, 30 steps of 32 x 8 answers, 64 held-out problems, n = 256;
-           estimated under 10 minutes on one H100 (an estimate: see the README).
+  --size   cpu (default): 2 seeds x 2 arms, 12 steps of 4 x 8 answers, 24 held-out problems, n = 32;
+           estimated at about an hour on 2 free CPU cores.
+           gpu: 3 seeds x 2 arms, 15 steps of 32 x 8 answers, 48 held-out problems, n = 256;
+           estimated at about 8 minutes on one H100 (not measured: see the README).
   --seeds  seeds per arm (--seed, --seed + 1, ...)
   --arms   comma-separated, from: {", ".join(ARMS)} (plain must be one: differences are against it)
   --n      samples per held-out problem (Pass@K for K = 1..n)
 
-Every other option is a train.py Config field (python train.py lists them), applied to every run;
+Every other option is a train.py Config field (the Config at the top of train.py), applied to every run;
 --alpha is the entropy arm's, --entropy_coef the entreg arm's (default {ENTREG_COEF:g});
---eval_problems and --eval_batch size the experiment's evaluation. Sizes: {json.dumps(SIZES)}"""
+--eval_problems and --eval_batch size the experiment's evaluation. The sizes, as the flags they stand for:
+""" + "\n".join(f"  {size}  " + " ".join(f"--{k} {v}" for k, v in {**p["config"], "seeds": p["seeds"], "n": p["n"]}.items())
+                for size, p in SIZES.items())
 
 
 # -----------------------------------------------------------------------------------------------
@@ -456,6 +462,9 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
                f"Pass@K, {base.eval_problems} held-out {task} problems, n = {n}, {len(plan.seeds)} seeds (95% bootstrap band)")
     plot_training(folders, os.path.join(out, "curves.png"))
     said = verdict(diffs, ks)
+    # has plain's training reward levelled off? its mean over each quarter of the steps, seeds averaged
+    reward = per_step(folders[labels["plain"]], "reward")[1]
+    quarters = [sum(q) / len(q) for q in (reward[i * len(reward) // 4 : (i + 1) * len(reward) // 4] for i in range(4)) if q]
     md = (tables(curves, diffs, ks, n, stats) + f"\n\n{base.eval_problems} held-out `{task}` problems x {n} samples, "
           f"temperature {EVAL_TEMPERATURE}, top-p {EVAL_TOP_P}, up to {base.max_new_tokens} new tokens. Each cell: the mean "
           f"over {len(plan.seeds)} seeds (the start: one evaluation) and problems, and its 95% bootstrap interval (seeds, "
@@ -463,6 +472,7 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
           f"problems x {ENTROPY_ANSWERS} answers per model, mean over seeds (count: tokens in all seeds). Each run: "
           f"{base.steps} steps of {base.prompts_per_step} prompts x {base.group_size} answers in {base.mini_batches} "
           f"mini-batches, lr {base.lr:g}, seeds {', '.join(map(str, plan.seeds))}. Total {sum(minutes.values()):.0f} minutes.\n\n"
+          f"Plain's training reward by quarter of the steps (mean over seeds): {', '.join(f'{q:.3f}' for q in quarters)}.\n\n"
           f"Which K differ: {said}\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
@@ -480,6 +490,7 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
                               for arm, s, _, _ in evals},
                    "per_step": {label: {key: dict(zip(("steps", "mean", "min", "max"), per_step(fs, key))) for key, _ in PANELS}
                                 for label, fs in folders.items()},
+                   "plain_reward_by_quarter": quarters,
                    "entropy_stats": {label: [{g: s["groups"][g] for g in ("pivotal", "reflective", "other", "all")} for s in per_seed]
                                      for label, per_seed in stats.items()},
                    "minutes": {**minutes, "total": sum(minutes.values())}}, f, indent=1)
