@@ -49,7 +49,7 @@ README's task measurements say why, and what is still unmeasured. Neither size h
        answers of up to 128 tokens at ~300 tokens/s = 27 min, loading and entropy samples ~5 min.
   gpu  3 seeds x 2 arms x 15 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
        x n = 256. Estimated, not measured (no GPU here): on an H200 a decode step replayed as a CUDA
-       graph takes 6-12 ms, so a 128-token rollout takes 1-1.5 s and a step with its scoring forward
+       graph takes 6-12 ms, so a 128-token rollout takes 0.8-1.5 s and a step with its scoring forward
        and 4 updates ~3 s: 6 runs x 15 x 3 s = 4.5 min, plus ~15 s per run to load and record graphs
        (1.5 min); evaluation 7 models x 6 calls of 8 x 256 rows x 128 steps at ~20 ms = 2 min.
        In all about 8 minutes, with an uncertainty of a few minutes either way.
