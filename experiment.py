@@ -1,45 +1,58 @@
 """
-experiment.py -- the paper in miniature: plain GRPO (or PPO) against the same run with the entropy
-advantage, from the same seed, data order and compute; then Pass@K of the start and of both ends.
+experiment.py -- the paper's question in miniature: does the entropy advantage keep the large-K
+coverage (Pass@K at large K) that plain GRPO gives up? Several seeds per arm, every arm of a seed
+seeing the same problems in the same order, Pass@K for K = 1..n with 95% bootstrap intervals.
 
-    python experiment.py                      # the CPU demo: SmolLM2-135M on arith (~40 min on 2 cores)
-    python experiment.py --algo ppo           # the same comparison for PPO (alpha 0.1, the paper's value)
-    python experiment.py --steps 24 --eval_problems 64     # any train.py Config field works: --name value
-    python experiment.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --steps 200 --prompts_per_step 32 \\
-        --max_new_tokens 512 --lr 1e-6 --n 256 --eval_problems 200 --eval_batch 1    # a GPU run, n = 256
-        # (offline: --task ../shared/data/gsm8k_train.jsonl --eval_task ../shared/data/gsm8k_test.jsonl)
+    python experiment.py                           # --size cpu: 2 seeds x 2 arms, n = 32 (estimate: ~1 h on 2 cores)
+    python experiment.py --size gpu                # 3 seeds x 2 arms, n = 256 (estimate: ~8 min on one H100)
+    python experiment.py --arms plain,entropy,entreg   # a third arm: classic entropy regularisation (Table 3)
+    python experiment.py --algo ppo                # the same comparison for PPO (alpha 0.1, the paper's value)
+    python experiment.py --seeds 3 --steps 40      # any train.py Config field works: --name value
+    python experiment.py --help                    # this experiment's own options
+
+The arms (--arms, comma-separated, in this order in every table):
+  plain     alpha 0: plain GRPO (or PPO)
+  entropy   alpha 0.4 for GRPO, 0.1 for PPO (or --alpha): the paper's entropy advantage
+  entreg    alpha 0 and an entropy bonus in the loss with gradient through H (--entropy_coef, default
+            1e-3, veRL's former default; the paper's Table 3 does not give its value)
+Within a seed the arms' Configs differ only in alpha and entropy_coef (and out_dir), so train.py's
+seeded problem draw, data order and per-step sampling seeds are shared: step 1's rollouts are
+identical across arms, and the policies part from there. Seeds are --seed, --seed + 1, ...
 
 Stages; each is skipped when its output exists, so after an interruption the same command goes on
-(--overwrite true retrains both runs instead):
-  1. train the plain run (alpha = 0) into OUT/plain (train.py's tqdm bar; a Ctrl-C saves a checkpoint
-     there and the next run resumes it)
-  2. train the entropy-advantage run (alpha 0.4 for GRPO, 0.1 for PPO, or --alpha) into OUT/entropy.
-     The two Configs differ only in alpha (and out_dir), so train.py's seeded data order and per-step
-     sampling seeds are shared: step 1's rollouts are identical, and the policies part from there.
-  3. evaluate the starting model and both final checkpoints: n samples per held-out problem at the
-     paper's settings (temperature 0.6, top-p 0.95) and one eval seed for all three -> OUT/eval_*
-  4. passk.png (Pass@K for K = 1..n on a dense log grid), curves.png (reward, entropy, length and
-     psi/|A| per step, both runs in each panel), results.json and results.md (a table to paste).
+(--overwrite true retrains every run instead):
+  1. train each seed's arms into OUT/seed<s>/<arm> (a Ctrl-C saves a checkpoint; the rerun resumes it)
+  2. evaluate the starting model once (OUT/eval_start) and every final checkpoint
+     (OUT/seed<s>/eval_<arm>): n samples per held-out problem at the paper's settings (temperature
+     0.6, top-p 0.95). All models answer the same problems; the runs of one seed share its sampling
+     seed. Each evaluation also samples a few answers token by token for entropy_view's statistics
+     of pivotal and reflective words (entropy_stats.json).
+  3. the report: passk.png (Pass@K per arm with its band, and each arm minus plain), curves.png (per
+     step, mean over seeds and the range across seeds), results.md and results.json
 
-OUT is runs/experiment/<algo> unless --out_dir says otherwise. --n (samples per problem, default 64)
-is the experiment's own option; every other one is a train.py Config field, and two of them are read
-by stage 3 instead of by training (the runs themselves skip their greedy evaluations):
-  --eval_problems   held-out problems (default 40 here)     --eval_batch   prompts per sampling call
-                                                                           (each brings n rows; default 2)
+The intervals (bootstrap, function `bootstrap`): a replicate draws the seeds with replacement, then,
+independently for each drawn seed, the problems with replacement, and takes the mean over both of
+the per-problem Pass@K (the unbiased estimator from that problem's n samples). 2,000 replicates; the
+interval is their 2.5th and 97.5th percentiles. A difference between arms is bootstrapped paired:
+the same drawn seeds and problems for both arms, so what the arms share (problem difficulty, the
+seed's data order and sampling noise) cancels. The start model is evaluated once: its band is over
+problems only.
 
-Sizing of the CPU demo on 2 idle cores (an estimate; the README states the measured total).
-Training: 2 runs x 12 steps x 30-50 s (4 x 8 answers of up to 40 tokens, one forward and backward)
-= 12-20 min. Evaluation: 3 models x 20 calls of 2 problems x 64 rows x up to 40 tokens; one call
-took 33 s of one core's time in bfloat16 (~155 tokens/s), so 20-25 s on two cores: 20-25 min.
-Loading and plots: ~1 min. In all 35-46 min, OUT/minutes.json records each stage's wall time.
-On a GPU, use n = 256 (the paper's K for AIME) and a few hundred held-out problems.
+OUT is runs/experiment/<algo>-<size> unless --out_dir says otherwise.
 
-Simplifications, said plainly:
-  1. One seed per arm, 12 steps of a 135M model: the demo shows the method's moving parts and what
-     to measure, not the paper's effect sizes; the arms may not differ beyond noise. results.md gives
-     Pass@1's standard error over problems: a gap under about two of them is noise.
-  2. Evaluation answers within the training budget of new tokens (40 here; the paper's is 8K), on
-     the test split of the training task (of a local file, its held-out 10%), or --eval_task.
+The sizes (train.py's other defaults stay: token-level loss, clip-higher 0.2/0.28, no KL, lr 1e-5).
+Both use arith:3 (two-digit sums and differences, two digits by one) with up to 128 new tokens: the
+README's task measurements say why, and what is still unmeasured. Neither size has been timed yet:
+  cpu  2 seeds x 2 arms x 12 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves
+       off 1 and the clip acts); 24 held-out problems x n = 32. Estimated from the README's CPU rates
+       on 2 free cores: training 4 runs x 12 steps x ~30 s = 24 min, evaluation 5 models x 24 x 32
+       answers of up to 128 tokens at ~300 tokens/s = 27 min, loading and entropy samples ~5 min.
+  gpu  3 seeds x 2 arms x 15 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
+       x n = 256. Estimated, not measured (no GPU here): on an H200 a decode step replayed as a CUDA
+       graph takes 6-12 ms, so a 128-token rollout takes 0.8-1.5 s and a step with its scoring forward
+       and 4 updates ~3 s: 6 runs x 15 x 3 s = 4.5 min, plus ~15 s per run to load and record graphs
+       (1.5 min); evaluation 7 models x 6 calls of 8 x 256 rows x 128 steps at ~20 ms = 2 min.
+       In all about 8 minutes, with an uncertainty of a few minutes either way.
 """
 
 import dataclasses
@@ -54,50 +67,119 @@ import time
 import torch
 
 import train
-from evaluate import default_ks, evaluate, load_summary, plot_curves
+from entropy_view import entropy_stats, sample_answers
+from evaluate import default_ks, evaluate, load_summary, pass_at_k
 from model import load_model
 from train import Config
 
-CPU_DEMO = dict(steps=12, eval_problems=40, eval_batch=2)  # Config values the experiment changes by default
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95  # the paper's evaluation settings
+ENTROPY_PROBLEMS, ENTROPY_ANSWERS = 4, 8  # answers sampled token by token for entropy_view's statistics
+DRAWS = 2000  # bootstrap replicates
+ARMS = ("plain", "entropy", "entreg")
+ENTREG_COEF = 1e-3  # the entreg arm's --entropy_coef unless given
+
+# The sizes: train.py Config values, then the experiment's own (seeds, n). Flags given win.
+SIZES = {
+    "cpu": dict(config=dict(task="arith:3", max_new_tokens=128, steps=12, prompts_per_step=4, group_size=8,
+                            mini_batches=2, eval_problems=24, eval_batch=2),
+                seeds=2, n=32),
+    "gpu": dict(config=dict(task="arith:3", max_new_tokens=128, steps=15, prompts_per_step=32, group_size=8,
+                            mini_batches=4, eval_problems=48, eval_batch=8),
+                seeds=3, n=256),
+}
+
+HELP = f"""usage: python experiment.py [--size cpu|gpu] [--seeds K] [--arms plain,entropy[,entreg]] [--n N]
+                          [any train.py Config field as --name value]
+
+  --size   cpu (default): 2 seeds x 2 arms, 12 steps of 4 x 8 answers, 24 held-out problems, n = 32;
+           estimated at about an hour on 2 free CPU cores.
+           gpu: 3 seeds x 2 arms, 15 steps of 32 x 8 answers, 48 held-out problems, n = 256;
+           estimated at about 8 minutes on one H100 (not measured: see the README).
+  --seeds  seeds per arm (--seed, --seed + 1, ...)
+  --arms   comma-separated, from: {", ".join(ARMS)} (plain must be one: differences are against it)
+  --n      samples per held-out problem (Pass@K for K = 1..n)
+
+Every other option is a train.py Config field (the Config at the top of train.py), applied to every run;
+--alpha is the entropy arm's, --entropy_coef the entreg arm's (default {ENTREG_COEF:g});
+--eval_problems and --eval_batch size the experiment's evaluation. The sizes, as the flags they stand for:
+""" + "\n".join(f"  {size}  " + " ".join(f"--{k} {v}" for k, v in {**p["config"], "seeds": p["seeds"], "n": p["n"]}.items())
+                for size, p in SIZES.items())
+
 
 # -----------------------------------------------------------------------------------------------
-# The command line: --n is ours, everything else goes through train.py's own parser and checks
+# The command line: --size, --seeds, --arms, --n are ours; everything else goes through train.py's parser
 
 
-def parse(argv) -> tuple:
-    """argv -> (plain Config, entropy Config, n, base Config). The two runs differ only in alpha and out_dir;
-    base (out_dir = OUT, eval_problems and eval_batch as given) is what the evaluation reads."""
-    n, rest, it = 64, [], iter(argv)
+@dataclasses.dataclass
+class Plan:
+    base: Config  # out_dir = OUT; alpha = the entropy arm's, entropy_coef = the entreg arm's; eval_* as given
+    arms: list  # e.g. ["plain", "entropy"]
+    seeds: list  # e.g. [0, 1]
+    n: int  # samples per held-out problem
+    size: str
+
+
+def take_own_options(argv) -> tuple:
+    """Split off --size, --seeds, --arms, --n (as --name value or --name=value) -> ({name: text}, rest)."""
+    own, rest, it = {}, [], iter(argv)
     for arg in it:
-        if arg != "--n" and not arg.startswith("--n="):
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name not in ("size", "seeds", "arms", "n"):
             rest.append(arg)
             continue
-        value = arg[4:] if "=" in arg else next(it, "")
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--n expects a positive int (samples per held-out problem), got '{value}'")
-        n = int(value)
+        own[name] = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+    return own, rest
+
+
+def positive_int(own: dict, name: str, default: int, what: str) -> int:
+    value = own.get(name, str(default))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--{name} expects a positive int ({what}), got '{value}'")
+    return int(value)
+
+
+def parse(argv) -> Plan:
+    """argv -> Plan, every value checked before anything slow starts."""
+    own, rest = take_own_options(argv)
+    size = own.get("size", "cpu")
+    if size not in SIZES:
+        raise ValueError(f"--size must be cpu or gpu, got '{size}'")
+    preset = SIZES[size]
+    seeds, n = positive_int(own, "seeds", preset["seeds"], "seeds per arm"), positive_int(own, "n", preset["n"], "samples per held-out problem")
+    arms = own.get("arms", "plain,entropy").split(",")
+    if any(a not in ARMS for a in arms) or len(set(arms)) != len(arms) or "plain" not in arms or len(arms) < 2:
+        raise ValueError(f"--arms takes plain and one or more of entropy, entreg, comma-separated, got '{own['arms']}'")
     overrides = train.parse_args(rest)  # unknown or mistyped options stop here, with the valid ones listed
     if overrides.get("resume"):
         raise ValueError("--resume is not an experiment option: rerun the same command and finished stages are skipped")
     algo = overrides.get("algo", "grpo")
-    base = Config(**{**CPU_DEMO, "out_dir": os.path.join("runs", "experiment", algo), **overrides})
-    base = dataclasses.replace(base, alpha=overrides.get("alpha", train.DEFAULT_ALPHA.get(algo, 0.4)))  # the paper's
-    train.check_config(train.resolve_defaults(base))
+    base = Config(**{**preset["config"], "out_dir": os.path.join("runs", "experiment", f"{algo}-{size}"),
+                     "entropy_coef": ENTREG_COEF, **overrides})
+    base = train.resolve_defaults(base)  # alpha: the paper's for the algorithm unless given
+    train.check_config(base)
     if os.path.exists(base.out_dir) and not os.path.isdir(base.out_dir):
         raise ValueError(f"--out_dir {base.out_dir} is a file: name a folder")
-    if base.alpha == 0:
-        raise ValueError(f"--alpha 0 would train the plain run twice: leave it out ({train.DEFAULT_ALPHA[algo]} for {algo}) "
+    if "entropy" in arms and base.alpha == 0:
+        raise ValueError(f"--alpha 0 would make the entropy arm plain: leave it out ({train.DEFAULT_ALPHA[algo]} for {algo}) "
                          "or give a positive value")
-    if base.eval_problems < 1 or base.eval_batch < 1:
-        raise ValueError("--eval_problems and --eval_batch must be >= 1: stage 3 needs held-out problems")
-    run = lambda name, alpha: dataclasses.replace(base, alpha=alpha, out_dir=os.path.join(base.out_dir, name),  # noqa: E731
-                                                  eval_problems=0)  # the experiment's evaluation replaces theirs
-    return run("plain", 0.0), run("entropy", base.alpha), n, base
+    if "entreg" in arms and base.entropy_coef == 0:
+        raise ValueError(f"--entropy_coef 0 would make the entreg arm plain: leave it out ({ENTREG_COEF:g}) or give a positive value")
+    if base.eval_problems < 1:
+        raise ValueError("--eval_problems must be >= 1: the evaluation needs held-out problems")
+    return Plan(base, arms, list(range(base.seed, base.seed + seeds)), n, size)
+
+
+def run_config(plan: Plan, arm: str, seed: int) -> Config:
+    """One training run. Within a seed the arms differ only in alpha, entropy_coef and out_dir."""
+    b = plan.base
+    return dataclasses.replace(b, seed=seed, out_dir=os.path.join(b.out_dir, f"seed{seed}", arm),
+                               alpha=b.alpha if arm == "entropy" else 0.0,
+                               entropy_coef=b.entropy_coef if arm == "entreg" else 0.0,
+                               eval_problems=0)  # the experiment's evaluation replaces the runs' own
 
 
 # -----------------------------------------------------------------------------------------------
-# Stages 1-2: training (train.py does all the work; we only decide between skip, resume and start)
+# Stage 1: training (train.py does all the work; we only decide between skip, resume and start)
 
 
 def train_stage(cfg: Config):
@@ -122,37 +204,43 @@ def train_stage(cfg: Config):
 
 
 # -----------------------------------------------------------------------------------------------
-# Stage 3: n samples per held-out problem, the same problems and seed for every model
+# Stage 2: n samples per held-out problem, the same problems for every model
 
 
-def eval_stage(label: str, source: str, cfg: Config, n: int, folder: str, precision: dict) -> dict:
-    """Evaluate one model into folder (samples.jsonl, summary.json, passk.png), or read the summary
-    back when it is there, made with the same settings, and newer than the model it measures.
+def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, precision: dict) -> dict:
+    """Evaluate one model into folder (samples.jsonl, summary.json, entropy_stats.json), or read the
+    summary back when it is there, made with the same settings, and newer than the model it measures.
     (Unlike training, an evaluation is cheap to redo: other settings simply replace it.)"""
+    cfg, n = plan.base, plan.n
     task = cfg.eval_task or cfg.task  # as train.py: the test split of the training task unless told otherwise
-    ks = sorted({round(2 ** (j / 4)) for j in range(4 * int(math.log2(n)) + 1)} | set(default_ks(n)))  # 1..n, even on log x
+    ks = sorted({round(2 ** (j / 4)) for j in range(4 * int(math.log2(n)) + 1)} | set(default_ks(n)) | {n})  # 1..n, even on log x
     wanted = {"n": n, "ks": ks, "num_problems": cfg.eval_problems, "max_new_tokens": cfg.max_new_tokens,
-              "temperature": EVAL_TEMPERATURE, "top_p": EVAL_TOP_P, "task": task, "seed": cfg.seed, "label": label}
+              "temperature": EVAL_TEMPERATURE, "top_p": EVAL_TOP_P, "task": task, "seed": seed, "label": label}
     # (the label names the model; a changed --model or alpha is refused earlier, by the training stages)
-    summary = os.path.join(folder, "summary.json")
+    summary, stats_file = os.path.join(folder, "summary.json"), os.path.join(folder, "entropy_stats.json")
     model_file = os.path.join(source, "model.safetensors")  # a checkpoint retrained since makes its evaluation stale
-    if os.path.isfile(summary) and not (os.path.isfile(model_file) and os.path.getmtime(model_file) > os.path.getmtime(summary)):
+    if os.path.isfile(stats_file) and os.path.isfile(summary) and not (os.path.isfile(model_file) and os.path.getmtime(model_file) > os.path.getmtime(summary)):
         result = load_summary(folder)
         if all(result.get(k) == v for k, v in wanted.items()):
             print(f"{folder}: evaluated earlier, skipped")
             return result
-    problems = train.held_out_problems(cfg)  # as train.py: a local --task file gives its held-out share
+    problems = train.held_out_problems(cfg)  # the base seed's: one problem set for every seed and arm
     if len(problems) < cfg.eval_problems:  # arith:1 has ~30 test problems: ask for fewer rather than mislabel
         raise ValueError(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
     if not precision:  # decided once, as train.py does: float32 weights, autocast where it is faster
         device = train.pick_device(cfg.device)
         precision.update(device=device, amp_dtype=train.choose_precision(device, cfg.dtype))
     model, tokenizer = load_model(source, device=precision["device"], dtype=torch.float32)
+    graphs = {"auto": None, "true": True, "false": False}[cfg.cuda_graph]
     with train.autocast(precision["device"], precision["amp_dtype"]):
         result = evaluate(model, tokenizer, problems, n, ks, EVAL_TEMPERATURE, EVAL_TOP_P, cfg.max_new_tokens,
-                          cfg.eval_batch, cfg.seed, out_dir=folder, progress=cfg.progress,
-                          info={"label": label, "task": task, "seed": cfg.seed, "source": source},
-                          cuda_graph={"auto": None, "true": True, "false": False}[cfg.cuda_graph])
+                          cfg.eval_batch, seed, out_dir=folder, progress=cfg.progress,
+                          info={"label": label, "task": task, "seed": seed, "source": source}, cuda_graph=graphs)
+        # token by token, for entropy_view's word groups (evaluate keeps only each answer's mean entropy)
+        answers = sample_answers(model, tokenizer, problems[:ENTROPY_PROBLEMS], ENTROPY_ANSWERS, cfg.max_new_tokens,
+                                 EVAL_TEMPERATURE, EVAL_TOP_P, seed, cuda_graph=graphs)
+    with open(stats_file, "w") as f:
+        json.dump(entropy_stats([a.tokens for a in answers], [a.entropies for a in answers]), f, indent=1)
     del model
     gc.collect()
     return result
@@ -174,42 +262,143 @@ def timed(out: str, stage: str, fn):
 
 
 # -----------------------------------------------------------------------------------------------
-# Stage 4: plots and the table
+# Stage 3a: the statistics. Pass@K of one problem is the unbiased estimate from its n samples; a
+# model's Pass@K is the mean over problems (and over seeds); the interval comes from resampling both.
 
 
-def plot_training(runs: dict, path: str):
-    """curves.png: one panel per metric, one line per run, over training steps."""
+def per_problem_pass_at_k(result: dict, ks: list) -> torch.Tensor:
+    """An evaluation's correct counts -> (P, len(ks)) per-problem Pass@K."""
+    return torch.tensor([[pass_at_k(result["n"], c, k) for k in ks] for c in result["correct_counts"]], dtype=torch.float64)
+
+
+def bootstrap(values: torch.Tensor, draws: int = DRAWS, seed: int = 0, level: float = 0.95) -> dict:
+    """values (S seeds, P problems, K) -> the mean over seeds and problems, and its bootstrap interval.
+
+    One replicate: draw S seeds with replacement; for each drawn seed, draw P problems with replacement
+    (independently per seed); average. The interval is the replicates' central `level` share. The
+    draws depend only on (S, P, draws, seed), so two arms bootstrapped with the same seed use the same
+    draws: bootstrapping their difference array is the paired bootstrap of the difference.
+    Worked case: one seed, problems [0, 0, 1]: a replicate's mean is j/3 with j ~ Binomial(3, 1/3),
+    so 8/27 of the replicates are 0 and 1/27 are 1; the 90% interval is [0, 2/3].
+    """
+    S, P, _ = values.shape
+    g = torch.Generator().manual_seed(seed)
+    seed_idx = torch.randint(S, (draws, S), generator=g)  # (B, S)
+    problem_idx = torch.randint(P, (draws, S, P), generator=g)  # (B, S, P): problems drawn within each drawn seed
+    replicates = values[seed_idx[:, :, None], problem_idx].mean(dim=(1, 2))  # (B, K)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(replicates, torch.tensor([tail, 1 - tail], dtype=values.dtype), dim=0)
+    return {"mean": values.mean(dim=(0, 1)).tolist(), "low": low.tolist(), "high": high.tolist(), "replicates": replicates}
+
+
+def differs(diff: dict, ks: list) -> dict:
+    """{"above": [K where the whole interval is > 0], "below": [K where it is < 0]}."""
+    return {"above": [k for k, lo in zip(ks, diff["low"]) if lo > 0], "below": [k for k, hi in zip(ks, diff["high"]) if hi < 0]}
+
+
+def per_step(folders: list, key: str) -> tuple:
+    """One metric of the seeds' runs -> (steps, mean over seeds, min, max) at the steps every seed logged."""
+    runs = []
+    for folder in folders:
+        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        runs.append({r["step"]: r[key] for r in rows if r.get("kind") == "train" and r.get(key) is not None})  # last row wins
+    steps = sorted(set.intersection(*(set(r) for r in runs)))  # PPO's warm-up has no psi
+    table = torch.tensor([[r[s] for r in runs] for s in steps], dtype=torch.float64).reshape(len(steps), len(runs))
+    return steps, table.mean(1).tolist(), table.min(1).values.tolist(), table.max(1).values.tolist()
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 3b: plots and tables
+
+
+PANELS = [("reward", "reward (mean)"), ("entropy", "token entropy (nats)"), ("psi_ratio", "psi / |A| (tokens with A != 0)"),
+          ("length", "response length (tokens)"), ("zero_spread_groups", "groups with no reward spread"),
+          ("clip_frac", "clip fraction")]
+
+
+def plot_passk(curves: dict, diffs: dict, ks: list, path: str, title: str):
+    """passk.png: left, Pass@K per model with its 95% band; right, each arm minus plain with its band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward", "reward (mean)"), ("entropy", "token entropy (nats)"), ("length", "response length (tokens)"),
-              ("psi_ratio", "psi / |A| (0 without the term)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for label, folder in runs.items():
-        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
-        by_step = {r["step"]: r for r in rows if r.get("kind") == "train"}  # the last row of a step wins
-        for ax, (key, title) in zip(axes, panels):
-            steps = [s for s in sorted(by_step) if by_step[s].get(key) is not None]  # PPO's warm-up has no psi
-            ax.plot(steps, [by_step[s][key] for s in steps], marker=".", label=label)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-    axes[0].legend()
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, c in curves.items():
+        line, = ax.plot(ks, c["mean"], label=label)
+        ax.fill_between(ks, c["low"], c["high"], color=line.get_color(), alpha=0.2)
+    for label, d in diffs.items():
+        line, = dx.plot(ks, d["mean"], label=label)
+        dx.fill_between(ks, d["low"], d["high"], color=line.get_color(), alpha=0.2)
+    dx.axhline(0, color="black", lw=0.8)
+    for a, ylabel in ((ax, "Pass@K"), (dx, "difference in Pass@K")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("K (samples per problem)")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    dx.set_title("arm minus plain, paired (95% bootstrap band)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def table(results: dict, n: int) -> str:
-    """A markdown table: Pass@K at powers of 2 (pass@1 with its standard error), mean length and entropy."""
-    ks = default_ks(n)
-    lines = ["| model | " + " | ".join(f"pass@{k}" for k in ks) + " | mean length | mean entropy |",
-             "|---|" + "---:|" * (len(ks) + 2)]
-    for label, r in results.items():
-        cells = [f"{r['pass_at_k'][1]:.3f} ± {r['accuracy_se']:.3f}"] + [f"{r['pass_at_k'][k]:.3f}" for k in ks[1:]]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['mean_length']:.1f} | {r['mean_entropy']:.3f} |")
+def plot_training(runs: dict, path: str):
+    """curves.png: one panel per metric, one line per arm (mean over seeds), shaded: min to max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+    for label, folders in runs.items():
+        for ax, (key, title) in zip(axes.flat, PANELS):
+            steps, mean, low, high = per_step(folders, key)
+            line, = ax.plot(steps, mean, marker=".", label=label)
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def interval(c: dict, i: int) -> str:
+    return f"{c['mean'][i]:.3f} [{c['low'][i]:.3f}, {c['high'][i]:.3f}]"
+
+
+def tables(curves: dict, diffs: dict, ks: list, n: int, stats: dict) -> str:
+    """Markdown: Pass@K with intervals at powers of 2, the differences, entropy of pivotal and reflective tokens."""
+    shown = default_ks(n)
+    cols = [ks.index(k) for k in shown]
+    lines = ["| model | " + " | ".join(f"pass@{k}" for k in shown) + " |", "|---|" + "---:|" * len(shown)]
+    lines += [f"| {label} | " + " | ".join(interval(c, i) for i in cols) + " |" for label, c in curves.items()]
+    lines += [f"| {label} | " + " | ".join(interval(d, i) for i in cols) + " |" for label, d in diffs.items()]
+    lines += ["", "| model | pivotal tokens: mean entropy (count) | reflective | other | all |", "|---|---:|---:|---:|---:|"]
+    for label, per_seed in stats.items():
+        def cell(group):
+            ms = [s["groups"][group]["mean"] for s in per_seed if s["groups"][group]["mean"] is not None]
+            count = sum(s["groups"][group]["count"] for s in per_seed)
+            return f"{sum(ms) / len(ms):.3f} ({count})" if ms else f"- ({count})"
+        lines.append(f"| {label} | {cell('pivotal')} | {cell('reflective')} | {cell('other')} | {cell('all')} |")
     return "\n".join(lines)
+
+
+def verdict(diffs: dict, ks: list) -> str:
+    """The plain sentence: at which K an arm differs from plain beyond its 95% interval, and which way."""
+    said = []
+    for label, d in diffs.items():
+        where = differs(d, ks)
+        if not where["above"] and not where["below"]:
+            lo, hi = min(d["low"]), max(d["high"])
+            said.append(f"{label}: no K where the 95% interval excludes 0 (the intervals span {lo:+.3f} to {hi:+.3f})")
+        else:
+            parts = [f"higher at K = {', '.join(map(str, where['above']))}"] if where["above"] else []
+            parts += [f"lower at K = {', '.join(map(str, where['below']))}"] if where["below"] else []
+            said.append(f"{label}: {' and '.join(parts)}, beyond the 95% interval; elsewhere within it")
+    return "; ".join(said) + "."
 
 
 # -----------------------------------------------------------------------------------------------
@@ -217,48 +406,93 @@ def table(results: dict, n: int) -> str:
 
 def main(argv=None):
     """The command line: a bad option or folder is one line naming the fix (exit code 2), no traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(HELP)
+        return
     try:
-        run_all(*parse(sys.argv[1:] if argv is None else argv))
+        run_all(parse(argv))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def run_all(plain: Config, entropy: Config, n: int, base: Config):
-    """The four stages."""
-    out, task = base.out_dir, base.eval_task or base.task
+def run_all(plan: Plan):
+    """The three stages."""
+    base, out = plan.base, plan.base.out_dir
+    task = base.eval_task or base.task
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves the training checkpoint, like Ctrl-C
-    name = plain.algo.upper()
-    labels = {"start": f"{os.path.basename(os.path.normpath(plain.model))} (start)", "plain": f"{name} (alpha 0)",
-              "entropy": f"{name} + entropy advantage (alpha {entropy.alpha:g})"}
-    print(f"[1/4] {labels['plain']} -> {plain.out_dir}")
-    timed(out, "train plain", lambda: train_stage(plain))
-    print(f"[2/4] {labels['entropy']} -> {entropy.out_dir}")
-    timed(out, "train entropy", lambda: train_stage(entropy))
-    results, precision = {}, {}
-    for i, (key, source) in enumerate([("start", plain.model), ("plain", os.path.join(plain.out_dir, "checkpoint")),
-                                       ("entropy", os.path.join(entropy.out_dir, "checkpoint"))]):
-        print(f"[3/4] evaluate {labels[key]} ({i + 1} of 3): {base.eval_problems} {task} problems x {n} samples")
-        folder = os.path.join(out, f"eval_{key}")
-        results[labels[key]] = timed(out, f"evaluate {key}", lambda: eval_stage(labels[key], source, base, n, folder, precision))
+    name = base.algo.upper()
+    labels = {"plain": f"{name} (alpha 0)", "entropy": f"{name} + entropy advantage (alpha {base.alpha:g})",
+              "entreg": f"{name} + entropy regularisation (coef {base.entropy_coef:g})"}
+    runs = {(arm, s): run_config(plan, arm, s) for s in plan.seeds for arm in plan.arms}
+    for i, ((arm, s), cfg) in enumerate(runs.items()):
+        print(f"[1/3] train {labels[arm]}, seed {s} ({i + 1} of {len(runs)}) -> {cfg.out_dir}")
+        timed(out, f"train {arm} seed {s}", lambda: train_stage(cfg))
+    precision, ks = {}, None
+    start_label = f"{os.path.basename(os.path.normpath(base.model))} (start)"
+    evals = [("start", None, base.model, os.path.join(out, "eval_start"))]
+    evals += [(arm, s, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(out, f"seed{s}", f"eval_{arm}")) for (arm, s), cfg in runs.items()]
+    results = {}
+    for i, (arm, s, source, folder) in enumerate(evals):
+        label = start_label if arm == "start" else f"{labels[arm]}, seed {s}"
+        print(f"[2/3] evaluate {label} ({i + 1} of {len(evals)}): {base.eval_problems} {task} problems x {plan.n} samples")
+        seed = base.seed if s is None else s
+        results[arm, s] = timed(out, f"evaluate {arm}" + ("" if s is None else f" seed {s}"),
+                                lambda: eval_stage(label, source, plan, seed, folder, precision))
+        ks = results[arm, s]["ks"]
+    print("[3/3] statistics, plots and tables")
+    report(plan, labels, start_label, runs, evals, results, ks)
+
+
+def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, results: dict, ks: list):
+    """results.md, results.json, passk.png, curves.png."""
+    base, out, n = plan.base, plan.base.out_dir, plan.n
+    task = base.eval_task or base.task
+    values = {"start": per_problem_pass_at_k(results["start", None], ks)[None]}  # (1, P, K)
+    values.update({arm: torch.stack([per_problem_pass_at_k(results[arm, s], ks) for s in plan.seeds]) for arm in plan.arms})
+    curves = {(start_label if arm == "start" else labels[arm]): bootstrap(v) for arm, v in values.items()}
+    diffs = {f"{labels[arm]} minus plain": bootstrap(values[arm] - values["plain"]) for arm in plan.arms if arm != "plain"}
+    stats = {start_label: [json.load(open(os.path.join(out, "eval_start", "entropy_stats.json")))]}
+    stats.update({labels[arm]: [json.load(open(os.path.join(out, f"seed{s}", f"eval_{arm}", "entropy_stats.json")))
+                                for s in plan.seeds] for arm in plan.arms})
+    folders = {labels[arm]: [runs[arm, s].out_dir for s in plan.seeds] for arm in plan.arms}
     minutes = json.load(open(os.path.join(out, "minutes.json")))
-    print("[4/4] plots and tables")
-    plot_curves({label: r["pass_at_k"] for label, r in results.items()}, os.path.join(out, "passk.png"),
-                f"Pass@K on {base.eval_problems} held-out {task} problems (n = {n}, T = {EVAL_TEMPERATURE})")
-    plot_training({labels["plain"]: plain.out_dir, labels["entropy"]: entropy.out_dir}, os.path.join(out, "curves.png"))
-    md = (table(results, n) + f"\n\n{base.eval_problems} held-out `{task}` problems x {n} samples, temperature "
-          f"{EVAL_TEMPERATURE}, top-p {EVAL_TOP_P}, up to {plain.max_new_tokens} new tokens; pass@1 ± its standard error "
-          f"over problems. Both runs: {plain.steps} steps of {plain.prompts_per_step} prompts x {plain.group_size} samples, "
-          f"seed {plain.seed}, identical but for alpha. Total {sum(minutes.values()):.0f} minutes.\n")
+    plot_passk(curves, diffs, ks, os.path.join(out, "passk.png"),
+               f"Pass@K, {base.eval_problems} held-out {task} problems, n = {n}, {len(plan.seeds)} seeds (95% bootstrap band)")
+    plot_training(folders, os.path.join(out, "curves.png"))
+    said = verdict(diffs, ks)
+    # has plain's training reward levelled off? its mean over each quarter of the steps, seeds averaged
+    reward = per_step(folders[labels["plain"]], "reward")[1]
+    quarters = [sum(q) / len(q) for q in (reward[i * len(reward) // 4 : (i + 1) * len(reward) // 4] for i in range(4)) if q]
+    md = (tables(curves, diffs, ks, n, stats) + f"\n\n{base.eval_problems} held-out `{task}` problems x {n} samples, "
+          f"temperature {EVAL_TEMPERATURE}, top-p {EVAL_TOP_P}, up to {base.max_new_tokens} new tokens. Each cell: the mean "
+          f"over {len(plan.seeds)} seeds (the start: one evaluation) and problems, and its 95% bootstrap interval (seeds, "
+          f"then problems within each seed, resampled; differences paired). Entropy of word groups: {ENTROPY_PROBLEMS} "
+          f"problems x {ENTROPY_ANSWERS} answers per model, mean over seeds (count: tokens in all seeds). Each run: "
+          f"{base.steps} steps of {base.prompts_per_step} prompts x {base.group_size} answers in {base.mini_batches} "
+          f"mini-batches, lr {base.lr:g}, seeds {', '.join(map(str, plan.seeds))}. Total {sum(minutes.values()):.0f} minutes.\n\n"
+          f"Plain's training reward by quarter of the steps (mean over seeds): {', '.join(f'{q:.3f}' for q in quarters)}.\n\n"
+          f"Which K differ: {said}\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
-    shared = {k: v for k, v in dataclasses.asdict(plain).items() if k not in ("alpha", "out_dir")}
-    keep = ("pass_at_k", "accuracy", "accuracy_se", "mean_length", "mean_entropy", "truncated", "source")
+    shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("alpha", "entropy_coef", "out_dir", "seed")}
+    strip = lambda c: {k: c[k] for k in ("mean", "low", "high")}  # noqa: E731  (the replicates stay out of the file)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"algo": plain.algo, "n": n, "alpha": {"plain": 0.0, "entropy": entropy.alpha}, "train_config": shared,
+        json.dump({"algo": base.algo, "size": plan.size, "n": n, "ks": ks, "seeds": plan.seeds, "arms": plan.arms,
+                   "alpha": base.alpha, "entropy_coef": base.entropy_coef, "train_config": shared,
                    "eval": {"task": task, "problems": base.eval_problems, "temperature": EVAL_TEMPERATURE, "top_p": EVAL_TOP_P,
-                            "max_new_tokens": plain.max_new_tokens, "seed": plain.seed},
-                   "models": {label: {k: r[k] for k in keep} for label, r in results.items()},
+                            "max_new_tokens": base.max_new_tokens, "bootstrap_draws": DRAWS},
+                   "pass_at_k": {label: strip(c) for label, c in curves.items()},
+                   "difference": {label: {**strip(d), **differs(d, ks)} for label, d in diffs.items()},
+                   "models": {f"{arm} seed {s}": {k: results[arm, s][k] for k in
+                                                  ("accuracy", "accuracy_se", "mean_length", "mean_entropy", "truncated", "correct_counts")}
+                              for arm, s, _, _ in evals},
+                   "per_step": {label: {key: dict(zip(("steps", "mean", "min", "max"), per_step(fs, key))) for key, _ in PANELS}
+                                for label, fs in folders.items()},
+                   "plain_reward_by_quarter": quarters,
+                   "entropy_stats": {label: [{g: s["groups"][g] for g in ("pivotal", "reflective", "other", "all")} for s in per_seed]
+                                     for label, per_seed in stats.items()},
                    "minutes": {**minutes, "total": sum(minutes.values())}}, f, indent=1)
     print(md + f"wrote passk.png, curves.png, results.md and results.json to {out}")
 

@@ -1,4 +1,5 @@
-"""experiment.py: end to end on a tiny model, fair between its arms, resumable, and strict about settings."""
+"""experiment.py: the bootstrap against worked cases; end to end on a tiny model with two seeds, fair
+between its arms, resumable, and strict about settings."""
 
 import json
 import os
@@ -14,11 +15,55 @@ import train
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
+# -----------------------------------------------------------------------------------------------
+# The bootstrap, on cases whose replicate distribution can be written down
+
+
+def shares(replicates: torch.Tensor, values: list) -> list:
+    return [(replicates.flatten() - v).abs().lt(1e-9).double().mean().item() for v in values]
+
+
+def test_bootstrap_over_problems_matches_the_binomial_case():
+    """One seed, problems [0, 0, 1]: a replicate's mean is j/3 with j ~ Binomial(3, 1/3)."""
+    b = experiment.bootstrap(torch.tensor([[[0.0], [0.0], [1.0]]], dtype=torch.float64), draws=20000, level=0.9)
+    assert shares(b["replicates"], [0, 1 / 3, 2 / 3, 1]) == pytest.approx([8 / 27, 12 / 27, 6 / 27, 1 / 27], abs=0.012)
+    assert b["mean"] == pytest.approx([1 / 3])
+    assert (b["low"][0], b["high"][0]) == pytest.approx((0.0, 2 / 3))  # 26/27 = 96.3% of replicates are <= 2/3
+
+
+def test_bootstrap_resamples_seeds_then_problems_within_each_seed():
+    """Two seeds of one problem each, 0 and 1: only the seed draw varies, mean 0, 1/2, 1 with 1/4, 1/2, 1/4.
+    Two seeds whose problems are [0, 1] and [0, 1]: problems are drawn per seed, mean j/4, j ~ Binomial(4, 1/2)."""
+    b = experiment.bootstrap(torch.tensor([[[0.0]], [[1.0]]], dtype=torch.float64), draws=20000)
+    assert shares(b["replicates"], [0, 0.5, 1]) == pytest.approx([0.25, 0.5, 0.25], abs=0.012)
+    assert (b["low"][0], b["high"][0]) == (0.0, 1.0)
+    b = experiment.bootstrap(torch.tensor([[[0.0], [1.0]], [[0.0], [1.0]]], dtype=torch.float64), draws=20000)
+    assert shares(b["replicates"], [0, 0.25, 0.5, 0.75, 1]) == pytest.approx([1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16], abs=0.012)
+
+
+def test_a_paired_difference_cancels_what_the_arms_share():
+    """Problems of very different difficulty, the second arm better by exactly 0.1 on each: paired, the
+    interval of the difference is the single point 0.1; unpaired it would span most of [−1, 1]."""
+    g = torch.Generator().manual_seed(0)
+    plain = torch.rand(3, 20, 2, generator=g, dtype=torch.float64) * 0.8
+    diff = experiment.bootstrap(plain + 0.1 - plain)
+    assert diff["low"] == pytest.approx([0.1, 0.1]) and diff["high"] == pytest.approx([0.1, 0.1])
+    assert experiment.differs(diff, [1, 2]) == {"above": [1, 2], "below": []}
+    a, b = experiment.bootstrap(plain), experiment.bootstrap(plain + 0.1)  # same draws: the replicates differ by 0.1
+    assert torch.allclose(b["replicates"] - a["replicates"], torch.full_like(a["replicates"], 0.1))
+    assert b["high"][0] - b["low"][0] > 0.1  # ... while each arm's own band is wider than the gap
+
+
+# -----------------------------------------------------------------------------------------------
+# End to end on the tiny model: two seeds, two arms
+
+
 def argv_for(folder, out, *extra):
     """Tiny settings: arith:1 answers are 0..18, so a random character model gets a few right by luck."""
     return ["--model", folder, "--task", "arith:1", "--out_dir", str(out), "--steps", "2", "--prompts_per_step", "4",
-            "--group_size", "8", "--max_new_tokens", "6", "--eval_problems", "6", "--eval_batch", "3", "--n", "16",
-            "--dtype", "float32", "--device", "cpu", "--progress", "false", "--lr", "1e-3", *extra]
+            "--group_size", "8", "--mini_batches", "2", "--max_new_tokens", "6", "--eval_problems", "6", "--eval_batch", "3",
+            "--n", "16", "--seeds", "2", "--arms", "plain,entropy", "--dtype", "float32", "--device", "cpu",
+            "--progress", "false", "--lr", "1e-3", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -29,51 +74,66 @@ def done(tmp_path_factory, tiny_folder):
     return out
 
 
-def test_writes_plots_and_three_models_with_monotone_pass_at_k(done):
+def test_writes_plots_tables_and_intervals_for_every_arm(done):
     for name in ("passk.png", "curves.png"):
         assert os.path.getsize(done / name) > 1000, name
     results = json.load(open(done / "results.json"))
-    assert len(results["models"]) == 3
-    for label, r in results["models"].items():
-        curve = [r["pass_at_k"][str(k)] for k in sorted(map(int, r["pass_at_k"]))]
-        assert sorted(map(int, r["pass_at_k"]))[0] == 1 and sorted(map(int, r["pass_at_k"]))[-1] == 16
-        assert all(a <= b + 1e-12 for a, b in zip(curve, curve[1:])), (label, curve)
+    assert results["seeds"] == [0, 1] and results["arms"] == ["plain", "entropy"]
+    assert len(results["pass_at_k"]) == 3 and len(results["difference"]) == 1  # start, two arms; entropy - plain
+    assert results["ks"][0] == 1 and results["ks"][-1] == 16
+    for label, c in results["pass_at_k"].items():
+        assert all(lo - 1e-12 <= m <= hi + 1e-12 for lo, m, hi in zip(c["low"], c["mean"], c["high"])), label
+        assert all(a <= b + 1e-12 for a, b in zip(c["mean"], c["mean"][1:])), label  # Pass@K grows with K
+    assert len(results["models"]) == 1 + 2 * 2
+    for key in ("reward", "entropy", "length", "zero_spread_groups", "clip_frac"):
+        assert results["per_step"]["GRPO (alpha 0)"][key]["steps"] == [1, 2], key
+    assert set(results["per_step"]["GRPO (alpha 0)"]["psi_ratio"]["steps"]) <= {1, 2}  # none in a step of only zero-spread groups
+    assert all(s["all"]["count"] > 0 for per_seed in results["entropy_stats"].values() for s in per_seed)
     md = open(done / "results.md").read()
-    assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + 3  # the header, a row per model
-    assert "pass@16" in md
+    assert "pass@16" in md and "minus plain" in md and "Which K differ:" in md
 
 
-def test_numbers_agree_with_a_recount_of_the_samples(done):
-    """Pass@1 is the mean share of correct samples and Pass@n the share of problems with any correct one:
-    recounted from each evaluation's samples.jsonl, independently of the estimator."""
-    results = json.load(open(done / "results.json"))["models"]
-    some_correct = 0
-    for key, (label, r) in zip(("start", "plain", "entropy"), results.items()):
+def test_the_mean_agrees_with_a_recount_of_the_samples(done):
+    """Pass@1 is the share of correct samples, Pass@n the share of problems with one: recounted from samples.jsonl."""
+    results = json.load(open(done / "results.json"))
+    per_seed = []
+    for s in (0, 1):
         counts = {}
-        for line in open(done / f"eval_{key}" / "samples.jsonl"):
-            s = json.loads(line)
-            counts.setdefault(s["id"], []).append(s["correct"])
+        for line in open(done / f"seed{s}" / "eval_plain" / "samples.jsonl"):
+            r = json.loads(line)
+            counts.setdefault(r["id"], []).append(r["correct"])
         assert len(counts) == 6 and all(len(c) == 16 for c in counts.values())
-        assert r["pass_at_k"]["1"] == pytest.approx(sum(sum(c) / 16 for c in counts.values()) / 6)
-        assert r["pass_at_k"]["16"] == pytest.approx(sum(any(c) for c in counts.values()) / 6)
-        some_correct += sum(map(sum, counts.values()))
-    assert some_correct > 0  # otherwise every curve is flat at 0 and the monotone check above proves nothing
+        per_seed.append((sum(sum(c) / 16 for c in counts.values()) / 6, sum(any(c) for c in counts.values()) / 6))
+    curve = results["pass_at_k"]["GRPO (alpha 0)"]["mean"]
+    assert curve[0] == pytest.approx(sum(p[0] for p in per_seed) / 2)
+    assert curve[-1] == pytest.approx(sum(p[1] for p in per_seed) / 2)
 
 
-def test_the_two_runs_differ_only_in_alpha(done):
-    plain = json.load(open(done / "plain" / "checkpoint" / "train_config.json"))
-    entropy = json.load(open(done / "entropy" / "checkpoint" / "train_config.json"))
-    assert {k for k in plain if plain[k] != entropy[k]} == {"alpha", "out_dir"}
-    assert (plain["alpha"], entropy["alpha"], plain["eval_problems"]) == (0.0, 0.4, 0)
-    # same data order and sampling seeds: step 1 starts from the same weights, so its rollouts are identical
-    first = [json.loads(open(done / run / "metrics.jsonl").readline()) for run in ("plain", "entropy")]
-    assert all(r["kind"] == "train" and r["step"] == 1 for r in first)  # no greedy eval rows in the runs
-    for key in ("reward", "entropy", "length"):
-        assert first[0][key] == first[1][key], key
-    assert first[0]["psi_ratio"] == 0 and first[1]["psi_ratio"] > 0
-    # ... and from there the term changes the update: the two final models differ
-    weights = [load_file(str(done / run / "checkpoint" / "model.safetensors")) for run in ("plain", "entropy")]
+def test_arms_of_a_seed_differ_only_in_alpha_and_share_their_first_rollouts(done):
+    for s in (0, 1):
+        plain = json.load(open(done / f"seed{s}" / "plain" / "checkpoint" / "train_config.json"))
+        entropy = json.load(open(done / f"seed{s}" / "entropy" / "checkpoint" / "train_config.json"))
+        assert {k for k in plain if plain[k] != entropy[k]} == {"alpha", "out_dir"}
+        assert (plain["seed"], plain["alpha"], entropy["alpha"], plain["mini_batches"]) == (s, 0.0, 0.4, 2)
+        first = [json.loads(open(done / f"seed{s}" / arm / "metrics.jsonl").readline()) for arm in ("plain", "entropy")]
+        for key in ("reward", "entropy", "length", "zero_spread_groups"):  # same problems, same sampling seed, same weights
+            assert first[0][key] == first[1][key], (s, key)
+        assert first[0]["psi_ratio"] == 0 and first[1]["psi_ratio"] > 0
+    seeds = [json.loads(open(done / f"seed{s}" / "plain" / "metrics.jsonl").readline()) for s in (0, 1)]
+    assert (seeds[0]["entropy"], seeds[0]["length"]) != (seeds[1]["entropy"], seeds[1]["length"])  # ... and seeds differ
+    # the term changes the update: the final models differ
+    weights = [load_file(str(done / "seed0" / arm / "checkpoint" / "model.safetensors")) for arm in ("plain", "entropy")]
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_entreg_arm_differs_only_in_its_entropy_coefficient():
+    plan = experiment.parse(["--arms", "plain,entropy,entreg", "--entropy_coef", "0.01"])
+    cfgs = {arm: experiment.run_config(plan, arm, 0) for arm in plan.arms}
+    assert [(c.alpha, c.entropy_coef) for c in cfgs.values()] == [(0.0, 0.0), (0.4, 0.0), (0.0, 0.01)]
+    assert plan.seeds == [0, 1] and plan.n == 32 and plan.base.mini_batches == 2  # the cpu size
+    gpu = experiment.parse(["--size", "gpu", "--seeds", "3", "--seed", "5"])
+    assert (gpu.seeds, gpu.n, gpu.base.prompts_per_step) == ([5, 6, 7], 256, 32)
+    assert gpu.base.out_dir == os.path.join("runs", "experiment", "grpo-gpu")
 
 
 def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny_folder, tmp_path, monkeypatch):
@@ -83,46 +143,57 @@ def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny
     monkeypatch.setattr(train, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
     monkeypatch.setattr(experiment, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
     experiment.main(argv_for(tiny_folder, out))
-    assert json.load(open(out / "results.json"))["models"] == json.load(open(done / "results.json"))["models"]
-    # 2) the entropy run lost its summary (as after a Ctrl-C): it resumes from its checkpoint, and its
-    #    evaluation, now older than the checkpoint, is redone
+    assert json.load(open(out / "results.json"))["pass_at_k"] == json.load(open(done / "results.json"))["pass_at_k"]
+    # 2) seed 1's entropy run lost its summary (as after a Ctrl-C): it alone resumes from its checkpoint,
+    #    and only its evaluation, now older than the checkpoint, is redone
     monkeypatch.undo()
-    os.remove(out / "entropy" / "summary.json")
+    os.remove(out / "seed1" / "entropy" / "summary.json")
     resumed, evaluated = [], []
     real_train, real_evaluate = train.train, experiment.evaluate
     monkeypatch.setattr(train, "train", lambda cfg: resumed.append(cfg.resume) or real_train(cfg))
     monkeypatch.setattr(experiment, "evaluate", lambda *a, **k: evaluated.append(k["out_dir"]) or real_evaluate(*a, **k))
     experiment.main(argv_for(tiny_folder, out))
-    assert resumed == [str(out / "entropy" / "checkpoint")]
-    assert evaluated == [str(out / "eval_entropy")]
+    assert resumed == [str(out / "seed1" / "entropy" / "checkpoint")]
+    assert evaluated == [str(out / "seed1" / "eval_entropy")]
 
 
 def test_other_training_settings_are_refused_and_other_eval_settings_redo_the_evaluation(done, tiny_folder, tmp_path,
                                                                                        monkeypatch):
     with pytest.raises(ValueError, match=r"plain was trained with other settings \(max_new_tokens: 6 there, 7 now\)"):
-        experiment.run_all(*experiment.parse(argv_for(tiny_folder, done, "--max_new_tokens", "7")))
+        experiment.run_all(experiment.parse(argv_for(tiny_folder, done, "--max_new_tokens", "7")))
     out = tmp_path / "copy"
     shutil.copytree(done, out)
     monkeypatch.setattr(train, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
     experiment.main(argv_for(tiny_folder, out, "--n", "8"))  # the later --n wins
     results = json.load(open(out / "results.json"))
-    assert results["n"] == 8 and all(max(map(int, r["pass_at_k"])) == 8 for r in results["models"].values())
+    assert results["n"] == 8 and results["ks"][-1] == 8
 
 
 def test_ppo_gets_the_papers_alpha_and_its_own_folder():
-    plain, entropy, n, base = experiment.parse(["--algo", "ppo"])
-    out = base.out_dir
-    assert (plain.alpha, entropy.alpha, plain.algo, n) == (0.0, 0.1, "ppo", 64)
-    assert out == os.path.join("runs", "experiment", "ppo") and entropy.out_dir == os.path.join(out, "entropy")
-    assert experiment.parse(["--alpha", "0.2", "--n", "256"])[1].alpha == 0.2
+    plan = experiment.parse(["--algo", "ppo"])
+    assert (plan.base.alpha, plan.base.algo) == (0.1, "ppo")
+    assert experiment.run_config(plan, "entropy", 0).out_dir == os.path.join("runs", "experiment", "ppo-cpu", "seed0", "entropy")
+    assert experiment.parse(["--alpha", "0.2", "--n", "256"]).base.alpha == 0.2
+
+
+def test_help_names_the_sizes(capsys):
+    experiment.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--size" in text and "cpu (default)" in text and "gpu:" in text and "--seeds" in text and "--arms" in text
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--alpha", "0"], "would train the plain run twice"),
+    (["--alpha", "0"], "would make the entropy arm plain"),
+    (["--arms", "plain,entreg", "--entropy_coef", "0"], "would make the entreg arm plain"),
+    (["--arms", "entropy,entreg"], "--arms takes plain"),
+    (["--arms", "plain,plain"], "--arms takes plain"),
+    (["--arms", "plain,entropi"], "--arms takes plain"),
+    (["--size", "tpu"], "--size must be cpu or gpu"),
+    (["--seeds", "0"], "--seeds expects a positive int"),
     (["--n", "0"], "--n expects a positive int"),
     (["--n", "many"], "--n expects a positive int"),
     (["--resume", "x"], "rerun the same command"),
-    (["--eval_problems", "0"], "--eval_problems and --eval_batch must be >= 1"),
+    (["--eval_problems", "0"], "--eval_problems must be >= 1"),
     (["--stpes", "3"], "unknown option '--stpes'"),
     (["--algo", "dpo"], "--algo must be grpo or ppo"),
 ])
@@ -131,10 +202,10 @@ def test_bad_options_give_one_clear_message(argv, message):
         experiment.parse(argv)
 
 
-def test_overwrite_retrains_both_runs_in_place(done, tiny_folder, tmp_path, monkeypatch):
+def test_overwrite_retrains_every_run_in_place(done, tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(done, out)
     trained = []
     monkeypatch.setattr(train, "train", lambda cfg: trained.append((cfg.out_dir, cfg.overwrite, cfg.resume)))
     experiment.main(argv_for(tiny_folder, out, "--overwrite", "true"))
-    assert trained == [(str(out / "plain"), True, ""), (str(out / "entropy"), True, "")]
+    assert trained == [(str(out / f"seed{s}" / arm), True, "") for s in (0, 1) for arm in ("plain", "entropy")]
