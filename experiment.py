@@ -68,7 +68,7 @@ import torch
 
 import train
 from entropy_view import entropy_stats, sample_answers
-from evaluate import default_ks, evaluate, load_summary, pass_at_k
+from evaluate import check_context, default_ks, evaluate, load_summary, pass_at_k
 from model import load_model
 from train import Config
 
@@ -231,6 +231,7 @@ def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, prec
         device = train.pick_device(cfg.device)
         precision.update(device=device, amp_dtype=train.choose_precision(device, cfg.dtype))
     model, tokenizer = load_model(source, device=precision["device"], dtype=torch.float32)
+    check_context(model, tokenizer, problems, cfg.max_new_tokens, "--max_new_tokens")  # lengths vs the model's context
     graphs = {"auto": None, "true": True, "false": False}[cfg.cuda_graph]
     with train.autocast(precision["device"], precision["amp_dtype"]):
         result = evaluate(model, tokenizer, problems, n, ks, EVAL_TEMPERATURE, EVAL_TOP_P, cfg.max_new_tokens,
@@ -426,21 +427,27 @@ def run_all(plan: Plan):
     labels = {"plain": f"{name} (alpha 0)", "entropy": f"{name} + entropy advantage (alpha {base.alpha:g})",
               "entreg": f"{name} + entropy regularisation (coef {base.entropy_coef:g})"}
     runs = {(arm, s): run_config(plan, arm, s) for s in plan.seeds for arm in plan.arms}
-    for i, ((arm, s), cfg) in enumerate(runs.items()):
-        print(f"[1/3] train {labels[arm]}, seed {s} ({i + 1} of {len(runs)}) -> {cfg.out_dir}")
-        timed(out, f"train {arm} seed {s}", lambda: train_stage(cfg))
-    precision, ks = {}, None
+    precision, results = {}, {}
     start_label = f"{os.path.basename(os.path.normpath(base.model))} (start)"
     evals = [("start", None, base.model, os.path.join(out, "eval_start"))]
     evals += [(arm, s, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(out, f"seed{s}", f"eval_{arm}")) for (arm, s), cfg in runs.items()]
-    results = {}
-    for i, (arm, s, source, folder) in enumerate(evals):
+
+    def evaluate_one(i, arm, s, source, folder):
         label = start_label if arm == "start" else f"{labels[arm]}, seed {s}"
         print(f"[2/3] evaluate {label} ({i + 1} of {len(evals)}): {base.eval_problems} {task} problems x {plan.n} samples")
         seed = base.seed if s is None else s
         results[arm, s] = timed(out, f"evaluate {arm}" + ("" if s is None else f" seed {s}"),
                                 lambda: eval_stage(label, source, plan, seed, folder, precision))
-        ks = results[arm, s]["ks"]
+
+    # The starting model first: its evaluation also checks the held-out prompts against the model's
+    # context (check_context), which should fail in a minute, not after an hour of training.
+    evaluate_one(0, *evals[0])
+    for i, ((arm, s), cfg) in enumerate(runs.items()):
+        print(f"[1/3] train {labels[arm]}, seed {s} ({i + 1} of {len(runs)}) -> {cfg.out_dir}")
+        timed(out, f"train {arm} seed {s}", lambda: train_stage(cfg))
+    for i, ev in enumerate(evals[1:], start=1):
+        evaluate_one(i, *ev)
+    ks = results["start", None]["ks"]
     print("[3/3] statistics, plots and tables")
     report(plan, labels, start_label, runs, evals, results, ks)
 
