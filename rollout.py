@@ -218,8 +218,8 @@ class DecodeGraph:
         self.cache = KVCache(model.config, rows, length, device=device, dtype=dtype, static=True)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (rows, 1): the graph's input
         self.record_seconds = 0.0
-        if not record:
-            self.graph, self.model = None, model
+        if not record:  # (a weak reference: _GRAPHS must not keep the model it is keyed by alive)
+            self.graph, self.model = None, weakref.ref(model)
             return
         t0 = time.perf_counter()
         # Under autocast, recording must not use autocast's cache of bfloat16 weight copies: that
@@ -260,7 +260,7 @@ class DecodeGraph:
         N = tokens.shape[0]
         self.tokens[:N, 0].copy_(tokens)
         if self.graph is None:
-            return self.model(self.tokens, cache=self.cache)[:N, -1]
+            return self.model()(self.tokens, cache=self.cache)[:N, -1]
         self.graph.replay()
         return self.logits[:N]  # (N, V), a view of the graph's output buffer
 

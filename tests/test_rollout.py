@@ -255,3 +255,18 @@ def test_cuda_graph_under_autocast_follows_the_weights():
         eager = sample(model, tok, qs, cuda_graph=False, **kw)
     assert torch.equal(graph.response_ids, eager.response_ids)
     assert torch.allclose(graph.logprobs, eager.logprobs, atol=1e-3)
+
+
+def test_a_models_graphs_go_with_the_model():
+    """_GRAPHS holds each model's graphs (and their caches) only as long as the model lives."""
+    import gc
+
+    import rollout
+
+    model = Transformer.from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
+    sample(model, _char_tok(), ["1+1"], group_size=2, max_new_tokens=3, seed=0, cuda_graph=True)
+    assert model in rollout._GRAPHS
+    n = len(rollout._GRAPHS)
+    del model
+    gc.collect()
+    assert len(rollout._GRAPHS) == n - 1
