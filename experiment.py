@@ -68,7 +68,7 @@ import torch
 
 import train
 from entropy_view import entropy_stats, sample_answers
-from evaluate import check_context, default_ks, evaluate, load_summary, pass_at_k
+from evaluate import check_context, cuda_graph_option, default_ks, evaluate, load_summary, pass_at_k
 from model import load_model
 from train import Config
 
@@ -232,7 +232,7 @@ def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, prec
         precision.update(device=device, amp_dtype=train.choose_precision(device, cfg.dtype))
     model, tokenizer = load_model(source, device=precision["device"], dtype=torch.float32)
     check_context(model, tokenizer, problems, cfg.max_new_tokens, "--max_new_tokens")  # lengths vs the model's context
-    graphs = {"auto": None, "true": True, "false": False}[cfg.cuda_graph]
+    graphs = cuda_graph_option(cfg.cuda_graph, cfg.device)
     with train.autocast(precision["device"], precision["amp_dtype"]):
         result = evaluate(model, tokenizer, problems, n, ks, EVAL_TEMPERATURE, EVAL_TOP_P, cfg.max_new_tokens,
                           cfg.eval_batch, seed, out_dir=folder, progress=cfg.progress,

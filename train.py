@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from advantage import entropy_shaped_advantages, explained_variance, gae_advantages, group_advantages, masked_mean, policy_loss, shaping_stats, value_loss
-from evaluate import check_context, check_device, evaluate, held_out_split, is_correct, is_local_task, load_problems
+from evaluate import check_context, check_device, cuda_graph_option, evaluate, held_out_split, is_correct, is_local_task, load_problems
 from model import Critic, load_model, save_pretrained
 from rollout import Rollout, format_prompt, graph_stats, sample, score_responses
 
@@ -876,7 +876,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     device = pick_device(cfg.device)
     amp_dtype = choose_precision(device, cfg.dtype)
     amp = lambda: autocast(device, amp_dtype)  # noqa: E731  a fresh autocast context (a no-op in float32)
-    cuda_graph = {"auto": None, "true": True, "false": False}[cfg.cuda_graph]  # None: sample() decides (on for CUDA)
+    cuda_graph = cuda_graph_option(cfg.cuda_graph, cfg.device)  # None: sample() decides (on for CUDA)
     print(f"device {device}, precision: {str(amp_dtype)[6:] + ' autocast' if amp_dtype else 'float32'}"
           f"{' (measured faster here)' if cfg.dtype == 'auto' and device.type == 'cpu' and amp_dtype else ''}"
           f"{', gradient scaler' if amp_dtype == torch.float16 else ''}")
