@@ -151,12 +151,15 @@ class KVCache:
         if self.position is not None:
             self.position += T  # in place: a CUDA graph records this too
 
-    def repeat_interleave(self, g: int) -> "KVCache":
-        """Row i becomes rows i*g .. i*g+g-1: one prompt prefilled once serves its g samples."""
+    def take_rows(self, rows: torch.Tensor) -> "KVCache":
+        """A cache holding rows `rows` (n,) of this one, in that order (a copy).
+
+        rows = [0, 0, 1, 1]: one prompt prefilled once serves its 2 samples (rollout.sample);
+        rows = the ones still decoding: rows that stopped leave the batch (rollout.EagerDecoder)."""
         new = KVCache.__new__(KVCache)
-        new.k = [k.repeat_interleave(g, dim=0) for k in self.k]
-        new.v = [v.repeat_interleave(g, dim=0) for v in self.v]
-        new.mask = self.mask.repeat_interleave(g, dim=0)
+        new.k = [k.index_select(0, rows) for k in self.k]
+        new.v = [v.index_select(0, rows) for v in self.v]
+        new.mask = self.mask.index_select(0, rows)
         new.length = self.length
         new.position = None if self.position is None else self.position.clone()
         return new

@@ -178,6 +178,35 @@ def _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k):
 
 
 # -----------------------------------------------------------------------------------------------
+# The decode step, eagerly: rows that have stopped leave the batch
+
+# The G answers to a prompt differ in length, and a batch decodes until its longest answer ends:
+# in an evaluation at 128 rows, the last tenth of the rows can keep the batch going for half of its
+# steps. On a CPU a step's cost grows with the rows it computes (at 128 rows it is ~8 times that at
+# 16), so computing only the rows still decoding makes such a tail cheap. Every row keeps its place
+# in the (N, V) logits the loop reads; a stopped row's logits are stale, but the loop only ever
+# writes padding for it. (A CUDA graph fixes its rows, so DecodeGraph below always computes all.)
+COMPACT_WHEN = 0.75  # drop the stopped rows once at most this share of the batch is still decoding
+
+
+class EagerDecoder:
+    """step(token (N,), done (N,)) -> logits (N, V), computing only the rows not done."""
+
+    def __init__(self, model, cache: KVCache, logits: torch.Tensor):
+        self.model, self.cache = model, cache
+        self.rows = torch.arange(logits.shape[0], device=logits.device)  # (n,): the row each cache row serves
+        self.logits = logits  # (N, V), updated in place
+
+    def __call__(self, token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        active = ~done[self.rows]  # (n,)
+        if 0 < active.sum() <= COMPACT_WHEN * len(self.rows):  # (a host sync: a GPU takes the graph path)
+            keep = active.nonzero().squeeze(1)  # (n',)
+            self.cache, self.rows = self.cache.take_rows(keep), self.rows[keep]
+        out = self.model(token[self.rows, None], cache=self.cache)[:, -1]  # (n, V)
+        return self.logits.index_copy_(0, self.rows, out.float())
+
+
+# -----------------------------------------------------------------------------------------------
 # The decode step on a GPU: recorded once as a CUDA graph, replayed every token
 
 # A decode step of a small model is about a thousand small kernels, and launching them one by one
@@ -256,7 +285,8 @@ class DecodeGraph:
         self.cache.length = P
         self.tokens.zero_()  # spare rows decode token 0 over an empty (all masked) prompt
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, done=None) -> torch.Tensor:
+        """tokens (N,) -> logits (N, V). Every row is computed: `done` is there to match EagerDecoder."""
         N = tokens.shape[0]
         self.tokens[:N, 0].copy_(tokens)
         if self.graph is None:
@@ -335,8 +365,7 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
         graph.load(cache, G)
         step = graph.step
     else:
-        cache = cache.repeat_interleave(G) if G > 1 else cache
-        step = lambda tokens: model(tokens[:, None], cache=cache)[:, -1]  # noqa: E731  (N,) -> (N, V)
+        step = EagerDecoder(model, cache.take_rows(torch.arange(B, device=device).repeat_interleave(G)), logits)
 
     # 4) decode: one token per step for all rows, until every row has stopped
     tokens, logps, ents = [], [], []
@@ -357,7 +386,7 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
         # off below); on a CPU the answer is free and a wasted step is not.
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
             break
-        logits = step(token)  # (N, V)
+        logits = step(token, done)  # (N, V)
 
     # 5) pack the record that training consumes
     response_ids = torch.stack(tokens, 1)  # (N, R)

@@ -67,7 +67,7 @@ def test_repeat_interleave_copies_each_prompt_to_its_group():
     cache = KVCache(model.config, 2, 12)
     with torch.no_grad():
         model(x, cache=cache)
-        big = cache.repeat_interleave(3)
+        big = cache.take_rows(torch.tensor([0, 0, 0, 1, 1, 1]))
         nxt = torch.randint(0, 101, (6, 1))
         stepped = model(nxt, cache=big)[:, 0]  # (6, V)
         for r in range(6):

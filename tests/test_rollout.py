@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 
-from model import Transformer
+import rollout
+from model import KVCache, Transformer
 from rollout import format_prompt, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
 
 QUESTIONS = ["What is 7 * 8?", "A farmer has 12 cows and buys 35 more, then sells 4. How many cows are left?", "2+2?"]
@@ -125,6 +126,22 @@ def test_stop_tokens_and_length_limit(smollm2, prompts):
             assert n == 48
     short = sample(model, tok, prompts[:1], max_new_tokens=3, temperature=0)
     assert not short.stopped[0] and short.response_mask.sum().item() == 3
+
+
+def test_stopped_rows_leave_the_batch_without_changing_the_sample(smollm2, prompts, monkeypatch):
+    """EagerDecoder drops rows that have stopped; the rest must decode exactly as in the full batch."""
+    model, tok = smollm2
+    kw = dict(group_size=4, max_new_tokens=48, temperature=0.7, seed=0, cuda_graph=False)
+    calls = []
+    take_rows = KVCache.take_rows
+    monkeypatch.setattr(KVCache, "take_rows", lambda self, rows: calls.append(len(rows)) or take_rows(self, rows))
+    dropping = sample(model, tok, prompts, **kw)
+    assert len(calls) >= 2 and calls[-1] < calls[0]  # the G-fold copy, then at least one smaller batch
+    monkeypatch.setattr(rollout, "COMPACT_WHEN", 0.0)  # never drop a row
+    full = sample(model, tok, prompts, **kw)
+    assert torch.equal(dropping.response_ids, full.response_ids) and dropping.texts == full.texts
+    assert torch.allclose(dropping.logprobs, full.logprobs, atol=1e-5)
+    assert torch.allclose(dropping.entropies, full.entropies, atol=1e-5)
 
 
 def test_padded_vocab_rows_are_never_sampled(smollm2):
