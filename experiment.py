@@ -69,7 +69,9 @@ import torch
 import train
 from entropy_view import entropy_stats, sample_answers
 from evaluate import check_context, cuda_graph_option, default_ks, evaluate, load_summary, pass_at_k
+from flags import parse_args
 from model import load_model
+from runs import choose_precision, held_out_problems
 from train import Config
 
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95  # the paper's evaluation settings
@@ -149,7 +151,10 @@ def parse(argv) -> Plan:
     arms = own.get("arms", "plain,entropy").split(",")
     if any(a not in ARMS for a in arms) or len(set(arms)) != len(arms) or "plain" not in arms or len(arms) < 2:
         raise ValueError(f"--arms takes plain and one or more of entropy, entreg, comma-separated, got '{own['arms']}'")
-    overrides = train.parse_args(rest)  # unknown or mistyped options stop here, with the valid ones listed
+    if any(a == "--preset" or a.startswith("--preset=") for a in rest):
+        raise ValueError("--preset is train.py's (one run's recipe): the experiment's sizes are --size cpu or gpu, "
+                         "and any other train.py option given here applies to every run")
+    overrides = parse_args(rest, Config)  # unknown or mistyped options stop here, with the valid ones listed
     if overrides.get("resume"):
         raise ValueError("--resume is not an experiment option: rerun the same command and finished stages are skipped")
     algo = overrides.get("algo", "grpo")
@@ -224,16 +229,15 @@ def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, prec
         if all(result.get(k) == v for k, v in wanted.items()):
             print(f"{folder}: evaluated earlier, skipped")
             return result
-    problems = train.held_out_problems(cfg)  # the base seed's: one problem set for every seed and arm
+    problems = held_out_problems(cfg)  # the base seed's: one problem set for every seed and arm
     if len(problems) < cfg.eval_problems:  # arith:1 has ~30 test problems: ask for fewer rather than mislabel
         raise ValueError(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
     if not precision:  # decided once, as train.py does: float32 weights, autocast where it is faster
-        device = train.pick_device(cfg.device)
-        precision.update(device=device, amp_dtype=train.choose_precision(device, cfg.dtype))
-    model, tokenizer = load_model(source, device=precision["device"], dtype=torch.float32)
+        precision["chosen"] = choose_precision(cfg.device, cfg.dtype)
+    model, tokenizer = load_model(source, device=precision["chosen"].device, dtype=torch.float32)
     check_context(model, tokenizer, problems, cfg.max_new_tokens, "--max_new_tokens")  # lengths vs the model's context
     graphs = cuda_graph_option(cfg.cuda_graph, cfg.device)
-    with train.autocast(precision["device"], precision["amp_dtype"]):
+    with precision["chosen"].autocast():
         result = evaluate(model, tokenizer, problems, n, ks, EVAL_TEMPERATURE, EVAL_TOP_P, cfg.max_new_tokens,
                           cfg.eval_batch, seed, out_dir=folder, progress=cfg.progress,
                           info={"label": label, "task": task, "seed": seed, "source": source}, cuda_graph=graphs)

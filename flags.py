@@ -39,11 +39,12 @@ def parse_args(argv, schema) -> dict:
     preset, overrides = {}, {}
     it = iter(argv)
     for arg in it:
-        name = arg[2:].replace("-", "_") if arg.startswith("--") else None
+        name = arg[2:] if arg.startswith("--") else None
         if name is not None and "=" in name:
-            name, value = name.split("=", 1)
+            name, value = name.split("=", 1)  # --name=value (the value's own dashes stay: --lr=1e-6)
         else:
             value = next(it, None)
+        name = name and name.replace("-", "_")  # --max-new-tokens is --max_new_tokens
         if name not in fields and name != "preset":
             raise ValueError(f"unknown option '{arg}'. Valid options: --preset " + " ".join(f"--{n}" for n in fields))
         if value is None:
