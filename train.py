@@ -198,7 +198,9 @@ def roll_out(cfg: Config, actor: Learner, tokenizer, batch: list, step: int) -> 
 
 
 def grade(reward_fn, rollout: Rollout, batch: list, device) -> torch.Tensor:
-    """Each answer's reward against its problem (answer i belongs to prompt i // G) -> (N,)."""
+    """Each answer's reward against its problem (answer i belongs to prompt i // G) -> (N,).
+    reward_fn(text, problem) -> float; None: 1.0 when is_correct against the gold answer, else 0.0."""
+    reward_fn = reward_fn or (lambda text, p: float(is_correct(text, p.answer)))
     G = rollout.group_size
     return torch.tensor([reward_fn(text, batch[i // G]) for i, text in enumerate(rollout.texts)],
                         dtype=torch.float32, device=device)
@@ -226,7 +228,6 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     # 0) every check, the problems, the folder, the seeds, the precision: all before the model loads
     given, cfg = cfg, resolve_defaults(cfg)
     problems, held_out, log, precision = start_run(cfg, problems)
-    reward_fn = reward_fn or (lambda text, p: float(is_correct(text, p.answer)))
 
     # 1) the model (weights stay float32: Adam's small updates vanish in bfloat16), its optimiser,
     #    PPO's critic, the KL reference; a resumed run's optimiser and RNG state
@@ -276,8 +277,9 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
         raise SystemExit(130)
     # 3) the end: a checkpoint, the held-out evaluation against the start's, summary.json, plots.png
     save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped_steps)
+    minutes = (time.time() - t0) / 60  # the training's time, without the final evaluation
     last = evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log) if held_out else None
-    summary = summarise(cfg, (time.time() - t0) / 60, ckpt_dir, first, last)
+    summary = summarise(cfg, minutes, ckpt_dir, first, last)
     end_run(cfg, log)
     return summary
 
