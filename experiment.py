@@ -70,6 +70,7 @@ import train
 from entropy_view import entropy_stats, sample_answers
 from evaluate import check_context, cuda_graph_option, default_ks, evaluate, load_summary, pass_at_k
 from flags import parse_args
+from metrics import plot_panels
 from model import load_model
 from runs import choose_precision, held_out_problems
 from train import Config
@@ -351,23 +352,8 @@ def plot_passk(curves: dict, diffs: dict, ks: list, path: str, title: str):
 
 def plot_training(runs: dict, path: str):
     """curves.png: one panel per metric, one line per arm (mean over seeds), shaded: min to max over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
-    for label, folders in runs.items():
-        for ax, (key, title) in zip(axes.flat, PANELS):
-            steps, mean, low, high = per_step(folders, key)
-            line, = ax.plot(steps, mean, marker=".", label=label)
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("step")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_panels(path, PANELS, {label: {key: per_step(folders, key) for key, _ in PANELS} for label, folders in runs.items()},
+                rows=2)
 
 
 def interval(c: dict, i: int) -> str:

@@ -120,11 +120,6 @@ class MetricsLogger:
 
 def plot_metrics(out_dir: str):
     """plots.png: reward, entropy, response length and psi/|A| over steps (+ the critic's, for PPO)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
     train = [r for r in rows if r.get("kind") == "train"]
     if not train:
@@ -133,12 +128,34 @@ def plot_metrics(out_dir: str):
               ("psi_ratio", "psi / |A|")]
     if "value_loss" in train[-1]:
         panels += [("value_loss", "critic value loss"), ("explained_variance", "critic explained variance")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
+    curves = {}
+    for key, _ in panels:
         pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        curves[key] = ([p[0] for p in pts], [p[1] for p in pts], None, None)
+    plot_panels(os.path.join(out_dir, "plots.png"), panels, {"": curves})
+
+
+def plot_panels(path: str, panels: list, lines: dict, rows: int = 1):
+    """The one way training curves are drawn (plots.png here, experiment.py's curves.png): a panel per
+    (key, title) of `panels`, in `rows` rows, and in each a line per label of
+    lines = {label: {key: (steps, values, low, high)}}, shaded from low to high (None: no band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = -(-len(panels) // rows)  # ceiling division
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.2 * rows), squeeze=False)
+    for label, curves in lines.items():
+        for ax, (key, title) in zip(axes.flat, panels):
+            steps, values, low, high = curves[key]
+            line, = ax.plot(steps, values, marker=".", label=label)
+            if low is not None:
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+    if len(lines) > 1:
+        axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "plots.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

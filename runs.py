@@ -60,7 +60,7 @@ def choose_precision(device: str, dtype: str) -> Precision:
 
     GPUs, by compute capability: 8.0 and up (A100, H100, RTX 30xx/40xx) compute in bfloat16.
     7.x (V100, T4: free Colab and many classrooms) has float16 tensor cores but no bfloat16, so
-    float16 autocast with a gradient scaler (see Learner): float16 keeps 3 more digits than bfloat16
+    float16 autocast with a gradient scaler (see update.Learner): float16 keeps 3 more digits than bfloat16
     but overflows past 65504, which the forward avoids where it matters (norms, softmax and the
     loss run in float32) and the scaler handles for gradients. Below 7.0 (P100, K80) float32:
     without tensor cores float16 buys no speed, only the overflow risk.

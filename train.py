@@ -84,7 +84,7 @@ class Config:
     # --- model
     model: str = "smollm2-135m"  # alias, .gguf file, local folder or hub id (see model.load_model)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast over float32 weights (see choose_precision)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast over float32 weights (see runs.choose_precision)
     cuda_graph: str = "auto"  # auto | true | false: replay each decode step as a CUDA graph (auto: on CUDA)
     recompute: str = "auto"  # auto | true | false: recompute RMSNorm, SwiGLU, LM head in backward (auto: when memory needs it)
     gradient_checkpointing: bool = False  # recompute whole blocks in backward: for big models on one GPU
@@ -125,7 +125,7 @@ class Config:
     gamma: float = 1.0
     lam: float = 1.0
     # --- evaluation (greedy pass@1 on held-out problems, at the start and at the end)
-    eval_task: str = ""  # "" = the test split of --task (a local file: its hash-picked 10%, see load_tasks)
+    eval_task: str = ""  # "" = the test split of --task (a local file: its hash-picked 10%, see runs.load_tasks)
     eval_problems: int = 128  # 0 = skip
     eval_every: int = 0  # also evaluate every this many steps; 0 = only start and end
     eval_batch: int = 64  # prompts per sampling batch in evaluation
