@@ -3,7 +3,7 @@ flags.py -- train.py's command line: --name value flags, presets from config/, a
 
 All three are read from one place, train.py's Config: its fields are the options, their types
 check the values, and the comment next to each field is its help text. experiment.py uses the same
-parser for the options it passes on to every run.
+parser for the options it passes on to every run (but not --preset: its own presets are --size).
 
     python train.py --lr 1e-6 --steps 40            # any Config field as --name value (or --name-with-dashes)
     python train.py --preset qwen05-gsm8k           # a recipe from config/ (see --help for the list)

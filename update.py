@@ -11,10 +11,10 @@ gets back the step's statistics. Read it in this order:
         critic_loss_backward()   PPO's clipped value loss, backward
       clipped_step()           clip the gradient norm, step (or skip a non-finite one)
 
-Above them the records (Learner, Targets) and make_learners(), which builds the actor, PPO's critic
-and the KL reference; below them the plumbing: Means (the step's statistics), score_before_update (log pi_old, log pi_ref
-and the critic's values, scored once before the first update) and MicroBatchPlan (how many rows fit
-in one forward and backward).
+Above them the records (Learner, Targets), make_learners() (the actor and PPO's critic, with their
+optimisers) and reference_model() (the KL term's). Below them the plumbing: Means (the step's
+statistics), score_before_update() (log pi_old, log pi_ref and the critic's values, scored once
+before the first optimiser step) and MicroBatchPlan (how many rows fit in one forward and backward).
 """
 
 import copy
