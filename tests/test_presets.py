@@ -2,6 +2,7 @@
 preset, an unknown key, a value of the wrong type and a line of code are refused in one line."""
 
 import dataclasses
+import json
 import os
 import re
 
@@ -72,3 +73,14 @@ def test_a_bad_preset_is_refused_in_one_line_naming_the_fix(tmp_path, capsys, te
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert not os.path.exists(tmp_path / "run")  # refused before anything was made
+
+
+def test_train_runs_from_a_preset_with_a_flag_on_top(tmp_path, tiny_folder, one_thread):
+    """The whole command line: the preset's values reach the run (its saved config), the flag wins."""
+    path = tmp_path / "tiny.py"
+    path.write_text(f"# a tiny run\nmodel = {tiny_folder!r}\nout_dir = {str(tmp_path / 'run')!r}\ndevice = 'cpu'\n"
+                    "dtype = 'float32'\nprogress = False\nprompts_per_step = 2\ngroup_size = 4\nmax_new_tokens = 4\n"
+                    "steps = 5\neval_problems = 0\n")
+    train.main(["--preset", str(path), "--steps", "1"])
+    saved = json.load(open(tmp_path / "run" / "checkpoint" / "train_config.json"))
+    assert saved["steps"] == 1 and saved["group_size"] == 4 and saved["max_new_tokens"] == 4 and saved["model"] == tiny_folder
