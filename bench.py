@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -459,12 +458,13 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
     """Row 6: one whole GRPO step of train.py against the obvious loop built from transformers."""
     import train
     from advantage import group_advantages
+    from update import Learner, MicroBatchPlan, Targets, update
 
     B, G, new = S["r6_prompts"], S["r6_group"], S["r6_new"]
     prompts = text_prompts(B, S["r6_prompt_len"], tok)
     cfg = train.resolve_defaults(train.Config(prompts_per_step=B, group_size=G, max_new_tokens=new, lr=1e-6))
-    actor = train.Learner(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), torch.amp.GradScaler(enabled=False))
-    plan = train.MicroBatchPlan(cfg, device, [actor])
+    actor = Learner(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), torch.amp.GradScaler(enabled=False))
+    plan = MicroBatchPlan(cfg, device, [actor])
 
     def ours():  # train.py's loop body: rollout -> reward -> advantages (+ the paper's term inside update) -> update
         model.eval()
@@ -472,7 +472,7 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
         rewards = pseudo_rewards(rollout.texts, device)
         model.train()
         adv, _ = train.compute_advantages(cfg, rollout, rewards)
-        train.update(cfg, actor, None, rollout, train.Targets(adv), plan, nullcontext)
+        update(cfg, actor, None, rollout, Targets(adv), plan)
 
     generate = hf_generate(hf, tok, prompts, G, new, keep=True)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)

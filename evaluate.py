@@ -606,11 +606,11 @@ def check_device(device: str | None):
 
 def cuda_graph_option(value: str, device: str | None):
     """--cuda-graph auto|true|false -> what sample() takes (None = auto: on for CUDA, off elsewhere)."""
-    import torch
+    from model import pick_device
 
     if value not in ("auto", "true", "false"):
         raise ValueError(f"--cuda-graph must be auto, true or false, got '{value}'")
-    on_cuda = device.startswith("cuda") if device not in (None, "auto") else torch.cuda.is_available()
+    on_cuda = pick_device(device).type == "cuda"
     if value == "true" and not on_cuda:
         raise ValueError("--cuda-graph true needs a CUDA device (CUDA graphs do not exist on a CPU): leave it at auto")
     return {"auto": None, "true": True, "false": False}[value]

@@ -69,7 +69,10 @@ import torch
 import train
 from entropy_view import entropy_stats, sample_answers
 from evaluate import check_context, cuda_graph_option, default_ks, evaluate, load_summary, pass_at_k
+from flags import parse_args
+from metrics import plot_panels
 from model import load_model
+from runs import choose_precision, held_out_problems
 from train import Config
 
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95  # the paper's evaluation settings
@@ -149,7 +152,10 @@ def parse(argv) -> Plan:
     arms = own.get("arms", "plain,entropy").split(",")
     if any(a not in ARMS for a in arms) or len(set(arms)) != len(arms) or "plain" not in arms or len(arms) < 2:
         raise ValueError(f"--arms takes plain and one or more of entropy, entreg, comma-separated, got '{own['arms']}'")
-    overrides = train.parse_args(rest)  # unknown or mistyped options stop here, with the valid ones listed
+    if any(a == "--preset" or a.startswith("--preset=") for a in rest):
+        raise ValueError("--preset is train.py's (one run's recipe): the experiment's sizes are --size cpu or gpu, "
+                         "and any other train.py option given here applies to every run")
+    overrides = parse_args(rest, Config)  # unknown or mistyped options stop here, with the valid ones listed
     if overrides.get("resume"):
         raise ValueError("--resume is not an experiment option: rerun the same command and finished stages are skipped")
     algo = overrides.get("algo", "grpo")
@@ -224,16 +230,15 @@ def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, prec
         if all(result.get(k) == v for k, v in wanted.items()):
             print(f"{folder}: evaluated earlier, skipped")
             return result
-    problems = train.held_out_problems(cfg)  # the base seed's: one problem set for every seed and arm
+    problems = held_out_problems(cfg)  # the base seed's: one problem set for every seed and arm
     if len(problems) < cfg.eval_problems:  # arith:1 has ~30 test problems: ask for fewer rather than mislabel
         raise ValueError(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
     if not precision:  # decided once, as train.py does: float32 weights, autocast where it is faster
-        device = train.pick_device(cfg.device)
-        precision.update(device=device, amp_dtype=train.choose_precision(device, cfg.dtype))
-    model, tokenizer = load_model(source, device=precision["device"], dtype=torch.float32)
+        precision["chosen"] = choose_precision(cfg.device, cfg.dtype)
+    model, tokenizer = load_model(source, device=precision["chosen"].device, dtype=torch.float32)
     check_context(model, tokenizer, problems, cfg.max_new_tokens, "--max_new_tokens")  # lengths vs the model's context
     graphs = cuda_graph_option(cfg.cuda_graph, cfg.device)
-    with train.autocast(precision["device"], precision["amp_dtype"]):
+    with precision["chosen"].autocast():
         result = evaluate(model, tokenizer, problems, n, ks, EVAL_TEMPERATURE, EVAL_TOP_P, cfg.max_new_tokens,
                           cfg.eval_batch, seed, out_dir=folder, progress=cfg.progress,
                           info={"label": label, "task": task, "seed": seed, "source": source}, cuda_graph=graphs)
@@ -347,23 +352,8 @@ def plot_passk(curves: dict, diffs: dict, ks: list, path: str, title: str):
 
 def plot_training(runs: dict, path: str):
     """curves.png: one panel per metric, one line per arm (mean over seeds), shaded: min to max over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
-    for label, folders in runs.items():
-        for ax, (key, title) in zip(axes.flat, PANELS):
-            steps, mean, low, high = per_step(folders, key)
-            line, = ax.plot(steps, mean, marker=".", label=label)
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("step")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_panels(path, PANELS, {label: {key: per_step(folders, key) for key, _ in PANELS} for label, folders in runs.items()},
+                rows=2)
 
 
 def interval(c: dict, i: int) -> str:

@@ -434,6 +434,14 @@ def _hf_load(source: str, **kw):
     return hf_model, tokenizer
 
 
+def pick_device(device=None) -> torch.device:
+    """The device to run on: CUDA when torch sees a GPU, else the CPU, unless one is named
+    (None or "auto": choose; "cpu", "cuda", "cuda:1" or a torch.device: that one)."""
+    if device is None or str(device) in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def load_model(source: str = DEFAULT_MODEL, device=None, dtype=None):
     """Load a checkpoint into our Transformer. Returns (model, tokenizer), model in eval mode.
 
@@ -441,7 +449,7 @@ def load_model(source: str = DEFAULT_MODEL, device=None, dtype=None):
     format (e.g. a checkpoint train.py saved), or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct".
     device defaults to CUDA when present; dtype to bfloat16 on CUDA and float32 on CPU.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     source = os.path.expanduser(str(source))
     if source == DEFAULT_MODEL:

@@ -88,6 +88,7 @@ CASES = [  # (script and argv, the message expected); {d} is the folder of the f
     (T("--steps", "ten"), "--steps expects a int, got 'ten'"),
     (T("--lerning_rate", "1e-6"), "unknown option '--lerning_rate'. Valid options: .*--lr"),
     (T("--lr"), "option --lr needs a value"),
+    (T("--preset", "qwen-7b"), "unknown preset 'qwen-7b': use one of .*qwen05-gsm8k"),
     (T("--device", "tpu"), "--device must be cpu or cuda"),
     pytest.param(T("--device", "cuda"), "torch sees no GPU here: use --device cpu", marks=NO_GPU),
     pytest.param(T("--cuda_graph", "true"), "--cuda_graph true needs a CUDA device", marks=NO_GPU),
@@ -150,6 +151,7 @@ CASES = [  # (script and argv, the message expected); {d} is the folder of the f
     (X("--resume", "x"), "rerun the same command"),
     (X("--eval_problems", "0"), "--eval_problems must be >= 1"),
     (X("--stpes", "3"), "unknown option '--stpes'"),
+    (X("--preset", "qwen05-gsm8k"), "--preset is train.py's"),
     (X("--top_p", "2"), r"--top_p must be in \(0, 1\]"),
     (X("--out_dir", "{d}/a_file"), "is a file"),
     # bench.py

@@ -3,12 +3,13 @@
 import json
 import os
 import re
-from contextlib import nullcontext
 
 import pytest
 import torch
 
+import runs
 import train
+import update
 from model import load_model
 from train import Config
 
@@ -184,9 +185,9 @@ def test_psi_ratio_and_cap_share_are_means_over_the_tokens_with_an_advantage(tin
     with torch.no_grad():
         _, ent = score_responses(model, rollout, cfg.temperature)  # the entropies the update will see
     whole = shaping_stats(adv, ent, rollout.response_mask, cfg.alpha, cfg.kappa)
-    actor = train.Learner(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False))
-    plan = train.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
-    stats = train.update(cfg, actor, None, rollout, train.Targets(adv), plan, lambda: torch.autocast("cpu", enabled=False))
+    actor = update.Learner(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False))
+    plan = update.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
+    stats = update.update(cfg, actor, None, rollout, update.Targets(adv), plan)
     assert 0 < whole["cap_frac"] < 1
     for key in ("psi_ratio", "cap_frac", "psi_mean"):
         assert stats[key] == pytest.approx(whole[key], abs=1e-5), key
@@ -246,15 +247,15 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
     out.mkdir()
     live = subprocess.Popen(["sleep", "30"])
     try:
-        (out / train.LOCK).write_text(str(live.pid))
+        (out / runs.LOCK).write_text(str(live.pid))
         with pytest.raises(ValueError, match=f"another run \\(PID {live.pid}\\) is writing to"):
             train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
     finally:
         live.kill()
         live.wait()
-    (out / train.LOCK).write_text(str(live.pid))  # that process is gone now: a stale lock
+    (out / runs.LOCK).write_text(str(live.pid))  # that process is gone now: a stale lock
     train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
-    assert not (out / train.LOCK).exists()  # released at the end
+    assert not (out / runs.LOCK).exists()  # released at the end
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_folder, monkeypatch):
@@ -265,11 +266,11 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny
     def fail(*a, **k):  # model.safetensors is written by then: the save dies midway
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.torch, "save", fail)
+    monkeypatch.setattr(runs.torch, "save", fail)
     with pytest.raises(KeyboardInterrupt):
         model, tok = load_model(tiny_folder, device="cpu")
-        actor = train.Learner(model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False))
-        train.save_checkpoint(str(ckpt), Config(), 5, model, tok, actor)
+        actor = update.Learner(model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+        runs.save_checkpoint(str(ckpt), Config(), 5, model, tok, actor)
     assert {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)} == before
     monkeypatch.undo()
     train.main(["--resume", str(ckpt), "--steps", "2"])  # and it resumes
@@ -309,10 +310,10 @@ def test_a_local_task_file_holds_out_a_fixed_share_never_trained_on(tmp_path):
     path = tmp_path / "sums.jsonl"
     path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(200)))
     cfg = train.resolve_defaults(Config(task=str(path), eval_problems=100))
-    problems, held_out = train.load_tasks(cfg)
+    problems, held_out = runs.load_tasks(cfg)
     assert 5 <= len(held_out) <= 40 and len(problems) + len(held_out) == 200
     assert not {p.question for p in problems} & {p.question for p in held_out}
-    assert train.load_tasks(cfg)[1] == held_out  # the same split on every run
+    assert runs.load_tasks(cfg)[1] == held_out  # the same split on every run
 
 
 def test_warnings_say_what_looks_wrong(tmp_path, tiny_folder, capsys):
@@ -352,7 +353,7 @@ def test_float16_with_a_gradient_scaler_learns_on_cpu(tmp_path, tiny_folder):
 def test_auto_micro_batch_on_cpu_is_the_measured_size_and_recompute_stays_off(tmp_path, tiny_folder):
     train.train(tiny_config(tmp_path, tiny_folder, steps=1, prompts_per_step=4, group_size=4), reward_fn=is_digit)
     row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
-    assert row["micro_batch"] == train.CPU_MICRO_BATCH and row["recompute"] is False
+    assert row["micro_batch"] == update.CPU_MICRO_BATCH and row["recompute"] is False
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_token_mean(tiny_folder, monkeypatch):
@@ -375,11 +376,11 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_token_mean(tiny_fold
     for micro_batch in ("auto", "2"):
         net = load_model(tiny_folder, device="cpu")[0].train()
         cfg = train.resolve_defaults(Config(group_size=4, prompts_per_step=2, micro_batch=micro_batch))
-        actor = train.Learner(net, torch.optim.SGD(net.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False))
-        plan = train.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
-        monkeypatch.setattr(train, "score_responses", score_or_oom)
+        actor = update.Learner(net, torch.optim.SGD(net.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False))
+        plan = update.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
+        monkeypatch.setattr(update, "score_responses", score_or_oom)
         before = [p.detach().clone() for p in net.parameters()]
-        stats = train.update(cfg, actor, None, ro, train.Targets(adv), plan, nullcontext)
+        stats = update.update(cfg, actor, None, ro, update.Targets(adv), plan)
         grads[micro_batch] = [b - p.detach() for b, p in zip(before, net.parameters())]  # lr 1: the step is the gradient
         assert stats["micro_batch"] == 2
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads["auto"], grads["2"]))
@@ -403,15 +404,15 @@ def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(m
         opt.state[next(net.parameters())] = {}  # as after a first step: AdamW's moments exist
         for p in net.parameters():
             p.grad = torch.zeros_like(p)  # ... and so do the gradients: nothing more to set aside
-        plan = train.MicroBatchPlan(Config(), torch.device("cuda"), [train.Learner(net, opt, None)])
-        assert plan.rows(100) == train.PROBE_ROWS and net.recomputing is False
-        with plan.measure(train.PROBE_ROWS, 100, mini_batch_rows, probe=True):
+        plan = update.MicroBatchPlan(Config(), torch.device("cuda"), [update.Learner(net, opt, None)])
+        assert plan.rows(100) == update.PROBE_ROWS and net.recomputing is False
+        with plan.measure(update.PROBE_ROWS, 100, mini_batch_rows, probe=True):
             pass
         assert net.recomputing is expect_recompute and plan.recompute is expect_recompute
         if not expect_recompute:
             assert plan.bytes_per_token == 10_000 and plan.rows(100) == 1000
         else:
-            assert plan.bytes_per_token is None and plan.rows(100) == train.PROBE_ROWS  # the probe again
+            assert plan.bytes_per_token is None and plan.rows(100) == update.PROBE_ROWS  # the probe again
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,149 @@
+"""
+flags.py -- train.py's command line: --name value flags, presets from config/, and --help.
+
+All three are read from one place, train.py's Config: its fields are the options, their types
+check the values, and the comment next to each field is its help text. experiment.py uses the same
+parser for the options it passes on to every run (but not --preset: its own presets are --size).
+
+    python train.py --lr 1e-6 --steps 40            # any Config field as --name value (or --name-with-dashes)
+    python train.py --preset qwen05-gsm8k           # a recipe from config/ (see --help for the list)
+    python train.py --preset qwen05-gsm8k --steps 5 # flags given on the command line win over the preset
+
+A preset (nanoGPT's config/ files) is a small commented file of `name = value` lines, e.g.
+config/qwen05-gsm8k.py. It is read, never run: each value must be a literal (a number, a string,
+True/False or None), each name a Config field of the right type, or the preset is refused with the
+line to fix.
+"""
+
+import ast
+import dataclasses
+import inspect
+import os
+import re
+
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the folder of named presets
+
+
+# -----------------------------------------------------------------------------------------------
+# --name value
+
+
+def parse_args(argv, schema) -> dict:
+    """['--lr', '1e-6', ...] -> {'lr': 1e-06, ...}, each value checked against the field's type in
+    `schema` (train.Config). --preset NAME puts the preset's values underneath: a flag given wins.
+    -h or --help prints config_help() and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(config_help(schema))
+        raise SystemExit(0)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    preset, overrides = {}, {}
+    it = iter(argv)
+    for arg in it:
+        name = arg[2:] if arg.startswith("--") else None
+        if name is not None and "=" in name:
+            name, value = name.split("=", 1)  # --name=value (the value's own dashes stay: --lr=1e-6)
+        else:
+            value = next(it, None)
+        name = name and name.replace("-", "_")  # --max-new-tokens is --max_new_tokens
+        if name not in fields and name != "preset":
+            raise ValueError(f"unknown option '{arg}'. Valid options: --preset " + " ".join(f"--{n}" for n in fields))
+        if value is None:
+            raise ValueError(f"option --{name} needs a value")
+        if name == "preset":
+            preset = read_preset(value, schema)
+            continue
+        kind = field_type(fields[name])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                overrides[name] = value.lower() in ("true", "1")
+            else:
+                overrides[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"--{name} expects a {kind.__name__}, got '{value}'") from None
+    return {**preset, **overrides}
+
+
+def field_type(field) -> type:
+    """The type a field's values have: its default's (a default of None stands for a float: alpha, critic_lr)."""
+    return type(field.default) if field.default is not None else float
+
+
+# -----------------------------------------------------------------------------------------------
+# Presets: config/NAME.py
+
+
+def preset_names() -> dict:
+    """{name: the first line of its comment} for each preset in config/, for --help."""
+    names = {}
+    for file in sorted(os.listdir(PRESETS)) if os.path.isdir(PRESETS) else []:
+        if file.endswith(".py"):
+            first = next((line for line in open(os.path.join(PRESETS, file)) if line.strip()), "")
+            names[file[:-3]] = first.lstrip("# ").strip()
+    return names
+
+
+def read_preset(name: str, schema) -> dict:
+    """A preset's {field: value}: NAME of a file in config/, or the path of a file of your own.
+    Read with ast.literal_eval, one assignment at a time: a preset holds values, never code."""
+    path = name if name.endswith(".py") and os.path.isfile(name) else os.path.join(PRESETS, name + ".py")
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown preset '{name}': use one of {', '.join(preset_names()) or '(none)'} "
+                         f"(the files in {os.path.relpath(PRESETS)}/), or the path of a .py file of name = value lines")
+    where = os.path.relpath(path)
+    try:
+        tree = ast.parse(open(path).read(), where)
+    except SyntaxError as e:
+        raise ValueError(f"{where} line {e.lineno}: not a name = value line ({e.msg})") from None
+    fields, values = {f.name: f for f in dataclasses.fields(schema)}, {}
+    for node in tree.body:
+        at = f"{where} line {node.lineno}"
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"{at}: a preset holds only name = value lines and comments")
+        key = node.targets[0].id
+        if key not in fields:
+            raise ValueError(f"{at}: unknown key '{key}': the keys are train.py's options (python train.py --help)")
+        try:
+            value = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError):
+            raise ValueError(f"{at}: {key} must be a plain value (a number, 'text', True/False or None), "
+                             "not an expression") from None
+        values[key] = checked(key, value, fields[key], at)
+    return values
+
+
+def checked(key: str, value, field, at: str):
+    """A preset's value, if it has its field's type (an int where a float is wanted is fine); else the fix."""
+    kind = field_type(field)
+    if value is None and field.default is None:
+        return None
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        example = {bool: "True or False", int: "a whole number", float: "a number", str: f"'{value}' in quotes"}[kind]
+        raise ValueError(f"{at}: {key} = {value!r} should be a {kind.__name__}: write {example}")
+    return value
+
+
+# -----------------------------------------------------------------------------------------------
+# --help
+
+
+def config_help(schema) -> str:
+    """Every option with its default and its comment, grouped as in Config, then the presets. Read
+    from Config's own source, so the comment next to a field is the one place where a knob is explained."""
+    lines = ["usage: python train.py [--preset NAME] [--name value ...]   "
+             "(--name_with_underscores or --name-with-dashes; -h: this)"]
+    for text in (line.strip() for line in inspect.getsource(schema).splitlines()[2:]):
+        field = re.match(r"(\w+): [^=]+= (.+?)(?:\s+# (.*))?$", text)
+        if text.startswith("# ---"):
+            lines.append("\n" + text.lstrip("# -").strip())
+        elif text.startswith("#"):  # a comment that goes on from the field above
+            lines.append(" " * 36 + text.lstrip("# ").strip())
+        elif field:
+            name, default, comment = field.groups()
+            lines.append(f"  --{name:<20} {default:<10} {comment or ''}".rstrip())
+    lines.append(f"\npresets (--preset NAME: the values in {os.path.relpath(PRESETS)}/NAME.py; flags given win)")
+    lines += [f"  {name:<31} {about}" for name, about in preset_names().items()]
+    return "\n".join(lines)
