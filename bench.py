@@ -47,8 +47,9 @@ from contextlib import nullcontext
 import torch
 
 from advantage import policy_loss
-from evaluate import OneLineParser, check_device, check_out_file
-from model import Transformer, _hf_load, _smollm2_gguf
+from cli import OneLineParser, check_out_file
+from evaluate import check_device
+from load import _hf_load, _smollm2_gguf, model_from_hf
 from rollout import Rollout, logprobs_and_entropy, pick_next_token, sample, score_responses
 
 # -----------------------------------------------------------------------------------------------
@@ -133,18 +134,18 @@ def random_model(config, device, dtype):
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(config)
     hf = hf.to(dtype).eval()
-    return hf, Transformer.from_hf(hf).eval()
+    return hf, model_from_hf(hf).eval()
 
 
 def smollm2():
     """(transformers model, our model, tokenizer) of SmolLM2-135M-Instruct, float32, on the CPU.
 
-    Our model shares the weight tensors with transformers' (from_hf takes them, it does not copy):
+    Our model shares the weight tensors with transformers' (model_from_hf takes them, it does not copy):
     that is fair for time, and the memory we report is what a step adds, so it is fair there too.
     """
     path = _smollm2_gguf()
     hf, tok = _hf_load(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return hf.eval(), Transformer.from_hf(hf).eval(), tok
+    return hf.eval(), model_from_hf(hf).eval(), tok
 
 
 def text_prompts(n, length, tokenizer, seed=0):
@@ -246,7 +247,7 @@ def _training_step_memory_child(spec):
     spec = json.loads(spec)
     config = dict(spec["config"])
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).train()
-    ours = Transformer.from_hf(hf).train()
+    ours = model_from_hf(hf).train()
     rollout = random_rollout(spec["N"], spec["P"], spec["R"], ours.config.vocab_size, torch.device("cpu"))
     ours_step, hf_step = training_steps(ours, hf, rollout)
     ours_bytes = peak_memory(ours_step, torch.device("cpu"))
@@ -504,13 +505,16 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
 
 def row_evaluate(hf, model, tok, S, device):
     """Row 7: evaluate() against generate() on the same rows, both graded the same way."""
-    from evaluate import Problem, evaluate, is_correct
+    from evaluate import EvalSettings, evaluate
+    from grader import is_correct
     from rollout import format_prompt
+    from tasks import Problem
 
     n, new = S["r7_samples"], S["r7_new"]
     questions = text_prompts(S["r7_problems"], S["r7_prompt_len"], tok, seed=1)
     problems = [Problem(q, "42", f"bench-{i}") for i, q in enumerate(questions)]
-    ours = lambda: evaluate(model, tok, problems, n, max_new_tokens=new, batch_prompts=len(problems), progress=False)  # noqa: E731
+    settings = EvalSettings(n=n, max_new_tokens=new, batch_prompts=len(problems), progress=False)
+    ours = lambda: evaluate(model, tok, problems, settings)  # noqa: E731
     generate = hf_generate(hf, tok, [format_prompt(tok, q) for q in questions], n, new, keep=True,
                            temperature=0.6, top_p=0.95)
 
@@ -606,7 +610,7 @@ def main(argv=None):
                                       S["r1_repeats"], ">= 1.5x", device)[0]], start)
         # 1b: the same with both models in bfloat16, which train.py picks on CPUs with native bf16
         hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-        rows += progress([row_sampler("1b", hf16, Transformer.from_hf(hf16).eval(), tok, S["r1_prompts"], S["r1_group"],
+        rows += progress([row_sampler("1b", hf16, model_from_hf(hf16).eval(), tok, S["r1_prompts"], S["r1_group"],
                                       S["r1_prompt_len"], S["r1_new"], S["r1_repeats"], ">= 1.5x", device)[0]], start)
         del hf16
         rows += progress([row_shared_prefill(model, tok, S, device)], start)

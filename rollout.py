@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model import KVCache
+from model import KVCache, response_outputs
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Solve the problem step by step, then give the final answer "
@@ -107,11 +107,8 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     chunk's logits there: one chunk of logits is alive at any moment, at the price of one extra
     LM-head matmul in the backward pass. Without it, backward keeps every chunk's logits.
     """
-    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
-    mask = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)  # (N, P + R)
-    P = rollout.prompt_ids.shape[1]
     real = rollout.response_mask.bool()  # (N, R)
-    h = model.hidden_states(ids, mask)[:, P - 1 : -1]  # (N, R, D): position t predicts response token t
+    h = response_outputs(model.hidden_states, rollout)  # (N, R, D): position t predicts response token t
     h, tokens = h[real], rollout.response_ids[real]  # (n, D), (n,): the real response tokens, padding dropped
 
     def chunk(h_part, tokens_part):

@@ -57,9 +57,13 @@ from dataclasses import dataclass
 import torch
 
 from advantage import entropy_shaped_advantages, explained_variance, gae_advantages, group_advantages, masked_mean, policy_loss, shaping_stats, value_loss
-from evaluate import check_context, check_device, cuda_graph_option, evaluate, held_out_split, is_correct, is_local_task, load_problems
-from model import Critic, load_model, save_pretrained
+from cli import check_context
+from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
+from grader import is_correct
+from load import load_model, save_pretrained
+from model import Critic
 from rollout import Rollout, format_prompt, graph_stats, sample, score_responses
+from tasks import held_out_split, is_local_task, load_problems
 
 # -----------------------------------------------------------------------------------------------
 # Configuration: every field can be set from the command line as --name value
@@ -906,8 +910,9 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     def run_eval(step):
         model.eval()
         with amp():
-            res = evaluate(model, tokenizer, held_out, n=1, ks=[1], temperature=0, max_new_tokens=cfg.max_new_tokens,
-                           batch_prompts=cfg.eval_batch, progress=cfg.progress, cuda_graph=cuda_graph)
+            greedy = EvalSettings(n=1, ks=[1], temperature=0, max_new_tokens=cfg.max_new_tokens,
+                                  batch_prompts=cfg.eval_batch, cuda_graph=cuda_graph, progress=cfg.progress)
+            res = evaluate(model, tokenizer, held_out, greedy)
         log({"kind": "eval", "step": step, "accuracy": res["accuracy"], "accuracy_se": res["accuracy_se"],
              "num_problems": len(held_out), "mean_length": res["mean_length"]})
         print(f"step {step}: held-out greedy pass@1 {res['accuracy']:.3f} +- {res['accuracy_se']:.3f} on {len(held_out)} problems")

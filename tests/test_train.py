@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from model import load_model
+from load import load_model
 from train import Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
