@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 
@@ -50,6 +51,7 @@ from advantage import policy_loss
 from cli import OneLineParser, check_out_file
 from evaluate import check_device
 from load import _hf_load, _smollm2_gguf, model_from_hf
+from model import response_outputs
 from rollout import Rollout, logprobs_and_entropy, pick_next_token, sample, score_responses
 
 # -----------------------------------------------------------------------------------------------
@@ -330,13 +332,19 @@ def random_rollout(n, prompt_len, response_len, vocab, device, seed=0):
     )
 
 
+def hf_log_probs(hf):
+    """transformers' model as forward(ids, mask) -> (N, T, V) log-softmax at every position: the
+    baseline's way, the full logits of prompt and response (ours makes them at response positions only)."""
+    return lambda ids, mask: torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits.float(), -1)
+
+
 def training_steps(ours, hf, rollout):
     """(our step, transformers' step): forward, the GRPO loss on the response tokens, backward.
 
     Advantages are random (one per response, as GRPO's); the old log-probs are the current ones,
     as on the first update after a rollout, so the PPO ratio starts at 1. Temperature 1.
     """
-    N, P = rollout.prompt_ids.shape
+    N = rollout.prompt_ids.shape[0]
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(N, 1, generator=g).to(rollout.logprobs.device).expand_as(rollout.logprobs)  # (N, R)
     mask = rollout.response_mask
@@ -348,13 +356,9 @@ def training_steps(ours, hf, rollout):
         logp, _ = score_responses(ours, rollout)  # (N, R): logits at response positions only, in chunks
         policy_loss(logp, old, adv, mask)[0].backward()
 
-    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
-    attn = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)
-
     def hf_step():
         hf.zero_grad(set_to_none=True)
-        logits = hf(input_ids=ids, attention_mask=attn).logits  # (N, P + R, V): every position
-        logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1]  # (N, R, V)
+        logp = response_outputs(hf_log_probs(hf), rollout)  # (N, R, V), from (N, P + R, V)
         logp = logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)  # (N, R)
         policy_loss(logp, old, adv, mask)[0].backward()
 
@@ -488,8 +492,9 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
         hf.train()
         for m in range(0, ids.shape[0], 32):
             part = slice(m, m + 32)
-            logits = hf(input_ids=ids[part], attention_mask=attn[part]).logits  # (n, P + R, V)
-            logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1].gather(-1, ids[part, P:, None]).squeeze(-1)
+            rows = SimpleNamespace(prompt_ids=ids[part, :P], prompt_mask=attn[part, :P],  # generate's rows, cut
+                                   response_ids=ids[part, P:], response_mask=attn[part, P:])  # where the prompt ends
+            logp = response_outputs(hf_log_probs(hf), rows).gather(-1, ids[part, P:, None]).squeeze(-1)  # (n, R)
             policy_loss(logp, logp.detach(), adv[part], mask[part], num_tokens=mask.sum())[0].backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
