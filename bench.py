@@ -333,7 +333,7 @@ def random_rollout(n, prompt_len, response_len, vocab, device, seed=0):
 
 
 def hf_log_probs(hf):
-    """transformers' model as forward(ids, mask) -> (N, T, V) log-softmax at every position: the
+    """transformers' model as forward(ids, mask) -> (N, P + R, V) log-softmax at every position: the
     baseline's way, the full logits of prompt and response (ours makes them at response positions only)."""
     return lambda ids, mask: torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits.float(), -1)
 
@@ -494,7 +494,7 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
             part = slice(m, m + 32)
             rows = SimpleNamespace(prompt_ids=ids[part, :P], prompt_mask=attn[part, :P],  # generate's rows, cut
                                    response_ids=ids[part, P:], response_mask=attn[part, P:])  # where the prompt ends
-            logp = response_outputs(hf_log_probs(hf), rows).gather(-1, ids[part, P:, None]).squeeze(-1)  # (n, R)
+            logp = response_outputs(hf_log_probs(hf), rows).gather(-1, ids[part, P:, None]).squeeze(-1)  # (rows, R)
             policy_loss(logp, logp.detach(), adv[part], mask[part], num_tokens=mask.sum())[0].backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()

