@@ -89,3 +89,4 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)

@@ -98,13 +98,11 @@ def pass_at_k_curve(correct_counts: list, n: int, ks: list) -> dict:
         raise ValueError("no problems to average over")
     return {k: sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts) for k in ks}
 
+
 def default_ks(n: int) -> list:
     """1, 2, 4, ... up to n, and n itself."""
     ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
     return ks if ks[-1] == n else ks + [n]
-
-
-# -----------------------------------------------------------------------------------------------
 
 
 # -----------------------------------------------------------------------------------------------

@@ -275,6 +275,3 @@ def held_out_split(problems: list, percent: int = LOCAL_TEST_PERCENT) -> tuple:
     side, so the split is the same on every run and a repeated question never lands on both."""
     is_test = [int(hashlib.sha256(p.question.encode()).hexdigest()[:8], 16) % 100 < percent for p in problems]
     return [p for p, t in zip(problems, is_test) if not t], [p for p, t in zip(problems, is_test) if t]
-
-
-# -----------------------------------------------------------------------------------------------
