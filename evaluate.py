@@ -19,8 +19,9 @@ Simplifications, said up front:
   1. The grader is rule-based (grader.py): no algebra; `--grader math-verify` plugs in the symbolic
      checker when installed.
   2. `--limit L` takes the first L problems (not a random subset), so two runs see the same ones.
-  3. The error bar is over problems only (the spread of per-problem accuracies / sqrt(number of
-     problems)); the sampling noise within a problem is not in it.
+  3. The error bar on Pass@1 is the standard error over problems (the spread of per-problem
+     accuracies / sqrt(number of problems)): how far the number would move on another draw of
+     problems like these. Pass@K for K > 1 gets no error bar.
 """
 
 import json
