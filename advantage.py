@@ -13,9 +13,9 @@ with H_t the policy's token entropy, detached. It is `entropy_shaped_advantages`
 the paper's Appendix B: alpha 0.4 with GRPO (0.1 with PPO), kappa 2, clip-higher 0.2 / 0.28,
 token-level loss mean, no KL and no entropy loss.
 
-Shapes: N rows (responses), T response positions; `mask` is float (N, T), 1 on response tokens
-(up to and including the stop token), 0 on padding. Values at padded positions must be finite;
-they are otherwise ignored.
+Shapes: N rows (responses: B prompts x G answers each), R response positions; `mask` is float
+(N, R), 1 on response tokens (up to and including the stop token), 0 on padding. Values at padded
+positions must be finite; they are otherwise ignored.
 """
 import torch
 
@@ -65,7 +65,7 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
 # 2) the paper's one line: an entropy bonus on the advantage
 
 def _psi(adv, entropy, alpha, kappa):
-    """The shaping term psi (N, T); validated here so every caller gets the same checks."""
+    """The shaping term psi (N, R); validated here so every caller gets the same checks."""
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0 (got {alpha}); the paper uses 0.4 with GRPO, 0.1 with PPO; "
                          "alpha=0 turns the entropy term off (plain GRPO/PPO)")
@@ -73,9 +73,9 @@ def _psi(adv, entropy, alpha, kappa):
         raise ValueError(f"kappa must be > 1 (got {kappa}) so the bonus stays below |A| and never "
                          "flips an advantage's sign; the paper uses kappa=2")
     if adv.dim() == 1:
-        adv = adv[:, None].expand_as(entropy)  # (N,) per-response advantage -> (N, T), as GRPO does
+        adv = adv[:, None].expand_as(entropy)  # (N,) per-response advantage -> (N, R), as GRPO does
     if adv.shape != entropy.shape:
-        raise ValueError(f"adv must be (N,) or (N, T) like entropy {tuple(entropy.shape)}, got {tuple(adv.shape)}")
+        raise ValueError(f"adv must be (N,) or (N, R) like entropy {tuple(entropy.shape)}, got {tuple(adv.shape)}")
     # entropy is detached: H_t only sets the size of the bonus, it is not something to optimise.
     # The cap uses the original |A_t|, so a positive A grows by at most |A|/kappa and a negative one
     # shrinks by at most |A|/kappa (sign kept); A = 0 gives psi = 0.
@@ -83,10 +83,10 @@ def _psi(adv, entropy, alpha, kappa):
     return adv, psi
 
 def entropy_shaped_advantages(adv, entropy, alpha=0.4, kappa=2.0):
-    """Advantage plus the entropy bonus: A_t + min(alpha * H_t.detach(), |A_t| / kappa), (N, T).
+    """Advantage plus the entropy bonus: A_t + min(alpha * H_t.detach(), |A_t| / kappa), (N, R).
 
-    adv is either (N,) (one GRPO advantage per response, broadcast to every token) or (N, T)
-    (e.g. PPO's GAE advantage); entropy is (N, T) in nats. alpha=0 returns adv unchanged.
+    adv is either (N,) (one GRPO advantage per response, broadcast to every token) or (N, R)
+    (e.g. PPO's GAE advantage); entropy is (N, R) in nats. alpha=0 returns adv unchanged.
     Uncertain tokens (high H) of a good answer get pushed up more, and those of a bad answer pushed
     down less, which favours exploratory reasoning (Cheng et al. 2025, Section 3.2).
 
@@ -100,7 +100,7 @@ def entropy_shaped_advantages(adv, entropy, alpha=0.4, kappa=2.0):
     return adv + psi
 
 def shaping_stats(adv, entropy, mask, alpha, kappa):
-    """What train.py logs about the bonus, over response tokens (mask (N, T)): a dict of floats.
+    """What train.py logs about the bonus, over response tokens (mask (N, R)): a dict of floats.
 
     psi_mean: mean psi over all response tokens. cap_frac: fraction of tokens with A != 0 where
     the |A|/kappa cap binds (alpha*H > |A|/kappa). psi_ratio: mean psi/|A| over tokens with A != 0
@@ -113,7 +113,7 @@ def shaping_stats(adv, entropy, mask, alpha, kappa):
     {'psi_mean': 0.37, 'cap_frac': 0.5, 'psi_ratio': 0.3735}
     """
     adv, psi = _psi(adv, entropy, alpha, kappa)
-    nonzero = mask * (adv != 0)  # (N, T) response tokens that have an advantage to shape
+    nonzero = mask * (adv != 0)  # (N, R) response tokens that have an advantage to shape
     binds = (alpha * entropy.detach() > adv.abs() / kappa).float()
     ratio = psi / adv.abs().clamp(min=1e-12)  # only read where adv != 0
     return {"psi_mean": masked_mean(psi, mask).item(),
@@ -128,7 +128,7 @@ DUAL_CLIP = 3.0  # for A < 0 the per-token loss is at most 3 * |A| (veRL's clip_
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=0.28,
                 ref_logprobs=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, num_tokens=None):
-    """Clipped policy-gradient loss -> (loss, stats). All tensors (N, T); stats is a dict of floats.
+    """Clipped policy-gradient loss -> (loss, stats). All tensors (N, R); stats is a dict of floats.
 
     ratio = exp(logp - old_logp); surrogate = min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A).
     Clip-higher (DAPO, Yu et al. 2025): a wider upper bound lets unlikely tokens with A > 0 grow,
@@ -149,21 +149,21 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=
     tensor(3.)
     """
     if advantages.shape != logprobs.shape:
-        raise ValueError(f"advantages must be (N, T) like logprobs {tuple(logprobs.shape)}, got "
+        raise ValueError(f"advantages must be (N, R) like logprobs {tuple(logprobs.shape)}, got "
                          f"{tuple(advantages.shape)}; expand per-response advantages with entropy_shaped_advantages")
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs (the reference model's log-probs); or set kl_coef=0")
     if entropy_coef > 0 and entropy is None:
-        raise ValueError("entropy_coef > 0 needs entropy (N, T) computed with gradient; or set entropy_coef=0")
+        raise ValueError("entropy_coef > 0 needs entropy (N, R) computed with gradient; or set entropy_coef=0")
     # log-ratio zeroed on padding, so exp() there is exactly 1 whatever the padded log-probs hold
-    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)  # (N, T)
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)  # (N, R)
     log_ratio = log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     surrogate = torch.minimum(unclipped, clipped)  # pessimistic: never profit from moving past the clip
     # dual-clip: a token with A < 0 whose ratio has run far above 1 costs at most DUAL_CLIP * |A|
-    floor = DUAL_CLIP * advantages  # (N, T), negative where A < 0
+    floor = DUAL_CLIP * advantages  # (N, R), negative where A < 0
     dual = (advantages < 0) & (surrogate < floor)
     surrogate = torch.where(dual, floor, surrogate)
     # Token-level mean over ALL response tokens of the batch (DAPO; the paper's Appendix B), rather
@@ -171,22 +171,13 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=
     # smaller weight, so long wrong answers are punished less per token (a length bias).
     loss = -masked_mean(surrogate, mask, num_tokens)
     # where the clipped branch is the active one, the token gives no gradient
-    clip_low = ((advantages < 0) & (ratio < 1 - eps_low)).float()
-    clip_high = ((advantages > 0) & (ratio > 1 + eps_high)).float()
-    with torch.no_grad():
-        stats = {"clip_frac": masked_mean(clip_low + clip_high + dual.float(), mask).item(),
-                 "clip_frac_low": masked_mean(clip_low, mask).item(),
-                 "clip_frac_high": masked_mean(clip_high, mask).item(),
-                 "clip_frac_dual": masked_mean(dual.float(), mask).item(),
-                 # k3 estimate of KL(old || new) from tokens sampled by the old policy
-                 "approx_kl": masked_mean(ratio - 1 - log_ratio, mask).item()}
+    clip_low = (advantages < 0) & (ratio < 1 - eps_low)  # (N, R)
+    clip_high = (advantages > 0) & (ratio > 1 + eps_high)  # (N, R)
+    stats = _clip_stats(clip_low, clip_high, dual, ratio, log_ratio, mask)
     if ref_logprobs is not None:
-        # k3 (Schulman, "Approximating KL divergence", 2020): with d = ref - logp, KL(pi || ref) is
-        # estimated per token by exp(d) - d - 1, which is >= 0 and unbiased, with low variance.
-        d = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-        kl = masked_mean(d.exp() - d - 1, mask, num_tokens)
-        loss = loss + kl_coef * kl
-        stats["kl_ref"] = masked_mean(d.exp() - d - 1, mask).item()
+        kl = _kl_to_reference(logprobs, ref_logprobs, mask)  # (N, R)
+        loss = loss + kl_coef * masked_mean(kl, mask, num_tokens)
+        stats["kl_ref"] = masked_mean(kl, mask).item()
     if entropy is not None and entropy_coef > 0:
         # Entropy *regularisation* (the paper's Table 3 baseline): the gradient flows through H, so the
         # update raises entropy everywhere. Contrast the entropy *advantage* above, where H is detached
@@ -194,14 +185,31 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low=0.2, eps_high=
         loss = loss - entropy_coef * masked_mean(entropy, mask, num_tokens)
     return loss, stats
 
+@torch.no_grad()
+def _clip_stats(clip_low, clip_high, dual, ratio, log_ratio, mask):
+    """What train.py logs about the clip: the share of response tokens each clip silenced, and the
+    k3 estimate of KL(old || new) from tokens the old policy sampled (ratio - 1 - log ratio, >= 0)."""
+    clip_low, clip_high, dual = clip_low.float(), clip_high.float(), dual.float()
+    return {"clip_frac": masked_mean(clip_low + clip_high + dual, mask).item(),
+            "clip_frac_low": masked_mean(clip_low, mask).item(),
+            "clip_frac_high": masked_mean(clip_high, mask).item(),
+            "clip_frac_dual": masked_mean(dual, mask).item(),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask).item()}
+
+def _kl_to_reference(logprobs, ref_logprobs, mask):
+    """Per-token KL(pi || ref), (N, R), by k3 (Schulman, "Approximating KL divergence", 2020): with
+    d = ref - logp, exp(d) - d - 1 is >= 0 and unbiased, with low variance. 0 on padding."""
+    d = torch.where(mask.bool(), ref_logprobs - logprobs, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return d.exp() - d - 1
+
 # -----------------------------------------------------------------------------
 # 4) PPO: per-token advantages from a critic (GAE), and the critic's own loss
 
 @torch.no_grad()  # advantages and returns are targets: no gradient may reach the critic through them
 def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0, whiten=True):
-    """Generalised advantage estimation (Schulman et al. 2016) -> (advantages, returns), (N, T) each.
+    """Generalised advantage estimation (Schulman et al. 2016) -> (advantages, returns), (N, R) each.
 
-    token_rewards: (N, T), a response's reward on its last token, 0 elsewhere. values: critic V_t.
+    token_rewards: (N, R), a response's reward on its last token, 0 elsewhere. values: critic V_t.
     Backward over response positions only: delta_t = r_t + gamma*V_{t+1} - V_t (V beyond the last
     response token is 0), A_t = delta_t + gamma*lam*A_{t+1}. returns = raw A + V (the critic's target).
     With gamma = lam = 1 the raw advantage is simply the return minus the value: (sum of rewards
@@ -217,11 +225,11 @@ def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0, whiten=True)
             [0.8000, 0.6000, 0.0000]]), tensor([[1., 1., 1.],
             [1., 1., 0.]]))
     """
-    N, T = values.shape
-    adv = torch.zeros_like(values)  # (N, T)
+    N, R = values.shape
+    adv = torch.zeros_like(values)  # (N, R)
     next_value = torch.zeros(N, dtype=values.dtype, device=values.device)  # V_{t+1}; 0 past the end
     next_adv = torch.zeros_like(next_value)  # A_{t+1}
-    for t in reversed(range(T)):
+    for t in reversed(range(R)):
         is_resp = mask[:, t].bool()  # (N,)
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
         a_t = delta + gamma * lam * next_adv
@@ -240,14 +248,14 @@ def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0, whiten=True)
     return adv, returns
 
 def value_loss(values, old_values, returns, mask, clip=0.5, num_tokens=None):
-    """PPO's clipped value loss -> (loss, stats). All (N, T); num_tokens as in policy_loss.
+    """PPO's clipped value loss -> (loss, stats). All (N, R); num_tokens as in policy_loss.
 
-    loss = 0.5 * token-mean of max((V - R)^2, (V_clipped - R)^2), V_clipped = old + clamp(V - old, -clip,
-    clip): like the policy's ratio clip, the critic cannot gain by moving far from its rollout-time
-    values in one update. stats: value_clip_frac, the fraction of tokens where the clipped term wins.
+    loss = 0.5 * token-mean of max((V - ret)^2, (V_clipped - ret)^2), with ret the returns and
+    V_clipped = old + clamp(V - old, -clip, clip): like the policy's ratio clip, the critic cannot
+    gain by moving far from its rollout-time values in one update. stats: value_clip_frac, the fraction of tokens where the clipped term wins.
 
-    >>> v, old, R = torch.tensor([[2.0, 0.1]]), torch.zeros(1, 2), torch.tensor([[3.0, 0.0]])
-    >>> value_loss(v, old, R, torch.ones(1, 2), clip=0.5)       # 0.5 * mean(max(1, 2.5^2), 0.1^2)
+    >>> v, old, ret = torch.tensor([[2.0, 0.1]]), torch.zeros(1, 2), torch.tensor([[3.0, 0.0]])
+    >>> value_loss(v, old, ret, torch.ones(1, 2), clip=0.5)       # 0.5 * mean(max(1, 2.5^2), 0.1^2)
     (tensor(1.5650), {'value_clip_frac': 0.5})
     """
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
@@ -258,11 +266,12 @@ def value_loss(values, old_values, returns, mask, clip=0.5, num_tokens=None):
     return loss, {"value_clip_frac": frac}
 
 def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over response tokens, a float: 1 is a perfect critic, 0 is no better
-    than predicting the mean return, below 0 is worse. NaN when the returns do not vary.
+    """1 - Var(ret - V) / Var(ret) over response tokens (ret: the returns), a float: 1 is a perfect
+    critic, 0 is no better than predicting the mean return, below 0 is worse. NaN when the returns
+    do not vary.
 
-    >>> R, m = torch.tensor([[1., 0., 1., 0.]]), torch.ones(1, 4)
-    >>> explained_variance(R, R, m), explained_variance(torch.full((1, 4), 0.5), R, m)
+    >>> ret, m = torch.tensor([[1., 0., 1., 0.]]), torch.ones(1, 4)
+    >>> explained_variance(ret, ret, m), explained_variance(torch.full((1, 4), 0.5), ret, m)
     (1.0, 0.0)
     """
     def var(x):

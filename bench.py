@@ -42,12 +42,15 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 from advantage import policy_loss
-from evaluate import OneLineParser, check_device, check_out_file
-from model import Transformer, _hf_load, _smollm2_gguf
+from cli import OneLineParser, check_out_file
+from evaluate import check_device
+from load import _hf_load, _smollm2_gguf, model_from_hf
+from model import response_outputs
 from rollout import Rollout, logprobs_and_entropy, pick_next_token, sample, score_responses
 
 # -----------------------------------------------------------------------------------------------
@@ -132,18 +135,18 @@ def random_model(config, device, dtype):
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(config)
     hf = hf.to(dtype).eval()
-    return hf, Transformer.from_hf(hf).eval()
+    return hf, model_from_hf(hf).eval()
 
 
 def smollm2():
     """(transformers model, our model, tokenizer) of SmolLM2-135M-Instruct, float32, on the CPU.
 
-    Our model shares the weight tensors with transformers' (from_hf takes them, it does not copy):
+    Our model shares the weight tensors with transformers' (model_from_hf takes them, it does not copy):
     that is fair for time, and the memory we report is what a step adds, so it is fair there too.
     """
     path = _smollm2_gguf()
     hf, tok = _hf_load(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return hf.eval(), Transformer.from_hf(hf).eval(), tok
+    return hf.eval(), model_from_hf(hf).eval(), tok
 
 
 def text_prompts(n, length, tokenizer, seed=0):
@@ -245,7 +248,7 @@ def _training_step_memory_child(spec):
     spec = json.loads(spec)
     config = dict(spec["config"])
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).train()
-    ours = Transformer.from_hf(hf).train()
+    ours = model_from_hf(hf).train()
     rollout = random_rollout(spec["N"], spec["P"], spec["R"], ours.config.vocab_size, torch.device("cpu"))
     ours_step, hf_step = training_steps(ours, hf, rollout)
     ours_bytes = peak_memory(ours_step, torch.device("cpu"))
@@ -328,13 +331,19 @@ def random_rollout(n, prompt_len, response_len, vocab, device, seed=0):
     )
 
 
+def hf_log_probs(hf):
+    """transformers' model as forward(ids, mask) -> (N, P + R, V) log-softmax at every position: the
+    baseline's way, the full logits of prompt and response (ours makes them at response positions only)."""
+    return lambda ids, mask: torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits.float(), -1)
+
+
 def training_steps(ours, hf, rollout):
     """(our step, transformers' step): forward, the GRPO loss on the response tokens, backward.
 
     Advantages are random (one per response, as GRPO's); the old log-probs are the current ones,
     as on the first update after a rollout, so the PPO ratio starts at 1. Temperature 1.
     """
-    N, P = rollout.prompt_ids.shape
+    N = rollout.prompt_ids.shape[0]
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(N, 1, generator=g).to(rollout.logprobs.device).expand_as(rollout.logprobs)  # (N, R)
     mask = rollout.response_mask
@@ -346,13 +355,9 @@ def training_steps(ours, hf, rollout):
         logp, _ = score_responses(ours, rollout)  # (N, R): logits at response positions only, in chunks
         policy_loss(logp, old, adv, mask)[0].backward()
 
-    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
-    attn = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)
-
     def hf_step():
         hf.zero_grad(set_to_none=True)
-        logits = hf(input_ids=ids, attention_mask=attn).logits  # (N, P + R, V): every position
-        logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1]  # (N, R, V)
+        logp = response_outputs(hf_log_probs(hf), rollout)  # (N, R, V), from (N, P + R, V)
         logp = logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)  # (N, R)
         policy_loss(logp, old, adv, mask)[0].backward()
 
@@ -487,8 +492,9 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
         hf.train()
         for m in range(0, ids.shape[0], 32):
             part = slice(m, m + 32)
-            logits = hf(input_ids=ids[part], attention_mask=attn[part]).logits  # (n, P + R, V)
-            logp = torch.log_softmax(logits.float(), -1)[:, P - 1 : -1].gather(-1, ids[part, P:, None]).squeeze(-1)
+            rows = SimpleNamespace(prompt_ids=ids[part, :P], prompt_mask=attn[part, :P],  # generate's rows, cut
+                                   response_ids=ids[part, P:], response_mask=attn[part, P:])  # where the prompt ends
+            logp = response_outputs(hf_log_probs(hf), rows).gather(-1, ids[part, P:, None]).squeeze(-1)  # (rows, R)
             policy_loss(logp, logp.detach(), adv[part], mask[part], num_tokens=mask.sum())[0].backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -504,13 +510,16 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
 
 def row_evaluate(hf, model, tok, S, device):
     """Row 7: evaluate() against generate() on the same rows, both graded the same way."""
-    from evaluate import Problem, evaluate, is_correct
+    from evaluate import EvalSettings, evaluate
+    from grader import is_correct
     from rollout import format_prompt
+    from tasks import Problem
 
     n, new = S["r7_samples"], S["r7_new"]
     questions = text_prompts(S["r7_problems"], S["r7_prompt_len"], tok, seed=1)
     problems = [Problem(q, "42", f"bench-{i}") for i, q in enumerate(questions)]
-    ours = lambda: evaluate(model, tok, problems, n, max_new_tokens=new, batch_prompts=len(problems), progress=False)  # noqa: E731
+    settings = EvalSettings(n=n, max_new_tokens=new, batch_prompts=len(problems), progress=False)
+    ours = lambda: evaluate(model, tok, problems, settings)  # noqa: E731
     generate = hf_generate(hf, tok, [format_prompt(tok, q) for q in questions], n, new, keep=True,
                            temperature=0.6, top_p=0.95)
 
@@ -606,7 +615,7 @@ def main(argv=None):
                                       S["r1_repeats"], ">= 1.5x", device)[0]], start)
         # 1b: the same with both models in bfloat16, which train.py picks on CPUs with native bf16
         hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-        rows += progress([row_sampler("1b", hf16, Transformer.from_hf(hf16).eval(), tok, S["r1_prompts"], S["r1_group"],
+        rows += progress([row_sampler("1b", hf16, model_from_hf(hf16).eval(), tok, S["r1_prompts"], S["r1_group"],
                                       S["r1_prompt_len"], S["r1_new"], S["r1_repeats"], ">= 1.5x", device)[0]], start)
         del hf16
         rows += progress([row_shared_prefill(model, tok, S, device)], start)

@@ -34,7 +34,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # -----------------------------------------------------------------------------------------------
 # The word lists: edit freely. Lower case; a word matches whatever its case and surrounding
@@ -279,29 +279,29 @@ def decode_tokens(tokenizer, ids: list) -> list:
     return texts
 
 
-def sample_answers(model, tokenizer, problems, n, max_new_tokens, temperature, top_p, seed, cuda_graph=None) -> list:
-    """n answers per problem, each with its per-token strings and entropies, and graded."""
-    from tqdm import tqdm
+def sample_answers(model, tokenizer, problems, settings) -> list:
+    """settings.n answers per problem (settings: an evaluate.EvalSettings), each with its per-token
+    strings and entropies, and graded. We choose the batch size: ROWS_PER_CALL rows per sampling call."""
+    from evaluate import sample_problems
+    from grader import is_correct
 
-    from evaluate import is_correct
-    from rollout import format_prompt, sample
-
-    answers, per_call = [], max(1, ROWS_PER_CALL // n)  # prompts per call
-    for b in tqdm(range(0, len(problems), per_call), desc="sampling", unit="batch"):
-        chunk = problems[b : b + per_call]
-        r = sample(model, tokenizer, [format_prompt(tokenizer, p.question) for p in chunk], group_size=n,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b, cuda_graph=cuda_graph)
+    n = settings.n
+    settings = replace(settings, batch_prompts=max(1, ROWS_PER_CALL // n))  # prompts per call
+    answers = []
+    for batch, r in sample_problems(model, tokenizer, problems, settings):
         for j in range(r.response_ids.shape[0]):
             keep = r.response_mask[j].bool()  # the answer's tokens, up to and including its stop token
             ids = r.response_ids[j][keep].tolist()
-            p = chunk[j // n]
-            answers.append(Answer(p.question, p.answer, is_correct(r.texts[j], p.answer),
+            p = batch[j // n]
+            answers.append(Answer(p.question, p.answer, is_correct(r.texts[j], p.answer, settings.grader),
                                   decode_tokens(tokenizer, ids), r.entropies[j][keep].tolist()))
     return answers
 
 
 def main(argv=None):
-    from evaluate import OneLineParser, check_context, check_device, check_sampling, cuda_graph_option, load_problems, make_out_folder
+    from cli import OneLineParser, check_context, check_sampling, make_out_folder
+    from evaluate import EvalSettings, check_device, cuda_graph_option
+    from tasks import load_problems
 
     p = OneLineParser(description="Colour sampled tokens by entropy; compare pivotal and reflective words.")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id, a model folder or a .gguf file")
@@ -326,13 +326,14 @@ def main(argv=None):
         check_device(args.device)
         cuda_graph = cuda_graph_option(args.cuda_graph, args.device)
         make_out_folder(args.out)
-        from model import load_model
+        from load import load_model
 
         problems = load_problems(args.task, "test", args.limit, args.seed, args.question_field, args.answer_field)
         model, tokenizer = load_model(args.model, device=args.device)
         check_context(model, tokenizer, problems, args.max_new_tokens)
-        answers = sample_answers(model, tokenizer, problems, args.n, args.max_new_tokens, args.temperature,
-                                 args.top_p, args.seed, cuda_graph)
+        settings = EvalSettings(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed, cuda_graph=cuda_graph)
+        answers = sample_answers(model, tokenizer, problems, settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -68,10 +68,11 @@ import torch
 
 import train
 from entropy_view import entropy_stats, sample_answers
-from evaluate import check_context, cuda_graph_option, default_ks, evaluate, load_summary, pass_at_k
+from cli import check_context
+from evaluate import EvalSettings, cuda_graph_option, default_ks, evaluate, load_summary, pass_at_k
 from flags import parse_args
+from load import load_model
 from metrics import plot_panels
-from model import load_model
 from runs import choose_precision, held_out_problems
 from train import Config
 
@@ -239,12 +240,12 @@ def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, prec
     check_context(model, tokenizer, problems, cfg.max_new_tokens, "--max_new_tokens")  # lengths vs the model's context
     graphs = cuda_graph_option(cfg.cuda_graph, cfg.device)
     with precision["chosen"].autocast():
-        result = evaluate(model, tokenizer, problems, n, ks, EVAL_TEMPERATURE, EVAL_TOP_P, cfg.max_new_tokens,
-                          cfg.eval_batch, seed, out_dir=folder, progress=cfg.progress,
-                          info={"label": label, "task": task, "seed": seed, "source": source}, cuda_graph=graphs)
+        settings = EvalSettings(n=n, ks=ks, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, max_new_tokens=cfg.max_new_tokens,
+                                batch_prompts=cfg.eval_batch, seed=seed, cuda_graph=graphs, progress=cfg.progress)
+        result = evaluate(model, tokenizer, problems, settings, out_dir=folder,
+                          info={"label": label, "task": task, "seed": seed, "source": source})
         # token by token, for entropy_view's word groups (evaluate keeps only each answer's mean entropy)
-        answers = sample_answers(model, tokenizer, problems[:ENTROPY_PROBLEMS], ENTROPY_ANSWERS, cfg.max_new_tokens,
-                                 EVAL_TEMPERATURE, EVAL_TOP_P, seed, cuda_graph=graphs)
+        answers = sample_answers(model, tokenizer, problems[:ENTROPY_PROBLEMS], dataclasses.replace(settings, n=ENTROPY_ANSWERS))
     with open(stats_file, "w") as f:
         json.dump(entropy_stats([a.tokens for a in answers], [a.entropies for a in answers]), f, indent=1)
     del model

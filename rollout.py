@@ -9,7 +9,8 @@ Rollouts are most of the wall-clock time of RL for reasoning, so the sampler doe
 plain loop would not:
   1. prefill each prompt once, then copy its KV cache to its G sample rows (the G samples of a
      GRPO group share the prompt, so recomputing it G times is pure waste);
-  2. decode one token per step for all B*G rows at once, reusing the cache (O(T) per step, not O(T^2));
+  2. decode one token per step for all N = B*G rows at once, reusing the cache (a step at position t
+     costs O(t), not the O(t^2) of recomputing the whole sequence);
   3. left-pad prompts of different lengths, with a mask and per-row positions, so every row's
      response starts in the same column and one step serves all rows.
 Alongside each sampled token it records what training needs: its log-prob and the entropy of the
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model import KVCache
+from model import KVCache, response_outputs
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Solve the problem step by step, then give the final answer "
@@ -107,12 +108,9 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     chunk's logits there: one chunk of logits is alive at any moment, at the price of one extra
     LM-head matmul in the backward pass. Without it, backward keeps every chunk's logits.
     """
-    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (N, P + R)
-    mask = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)  # (N, P + R)
-    P = rollout.prompt_ids.shape[1]
     real = rollout.response_mask.bool()  # (N, R)
-    h = model.hidden_states(ids, mask)[:, P - 1 : -1]  # (N, R, D): position t predicts response token t
-    h, tokens = h[real], rollout.response_ids[real]  # (n, D), (n,): the real response tokens, padding dropped
+    h = response_outputs(model.hidden_states, rollout)  # (N, R, D): position t predicts response token t
+    h, tokens = h[real], rollout.response_ids[real]  # (n_real, D), (n_real,): the real response tokens, padding dropped
 
     def chunk(h_part, tokens_part):
         return logprobs_and_entropy(model.lm_head(h_part), tokens_part, temperature)
@@ -340,32 +338,10 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     n_real_vocab = len(tokenizer)  # Qwen pads its embedding to a multiple of 128: those rows are never sampled
 
     # 1) tokenize and left-pad, so that every prompt ends in the same column
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    if any(len(e) == 0 for e in encoded):
-        raise ValueError("an empty prompt: every prompt needs at least one token")
-    B, G, P = len(prompts), group_size, max(len(e) for e in encoded)
-    N = B * G
-    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros(B, P, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        prompt_ids[i, P - len(e) :] = torch.tensor(e)
-        prompt_mask[i, P - len(e) :] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-
-    # 2) prefill each prompt once; only the last position's logits are needed to start decoding
-    # under autocast (train.py's bfloat16 mode) the keys and values come out in the autocast dtype
-    cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
-    cache = KVCache(model.config, B, P if cuda_graph else P + max_new_tokens, device=device, dtype=cache_dtype)
-    h = model.hidden_states(prompt_ids, prompt_mask, cache)[:, -1:]  # (B, 1, D)
-    logits = model.lm_head(h)[:, 0].float().repeat_interleave(G, dim=0)  # (N, V): each prompt's logits to its G rows
-
-    # 3) copy the prompt's cache to its G sample rows: into a graph's static cache, or a G-fold copy
-    if cuda_graph:
-        graph = decode_graph(model, N, P + max_new_tokens, cache_dtype)
-        graph.load(cache, G)
-        step = graph.step
-    else:
-        step = EagerDecoder(model, cache.take_rows(torch.arange(B, device=device).repeat_interleave(G)), logits)
+    prompt_ids, prompt_mask = _left_pad(tokenizer, prompts, pad_id, device)  # (B, P) each
+    N = prompt_ids.shape[0] * group_size
+    # 2) prefill each prompt once, and 3) give its KV cache to its G sample rows
+    logits, step = _prefill(model, prompt_ids, prompt_mask, group_size, max_new_tokens, cuda_graph)  # (N, V)
 
     # 4) decode: one token per step for all rows, until every row has stopped
     tokens, logps, ents = [], [], []
@@ -383,12 +359,54 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
         done = done | torch.isin(token, stop_ids)
         # "Have all rows stopped?" makes the host wait for the device. On a GPU we ask every few
         # steps and let the host queue the steps in between (the extra steps only emit padding, cut
-        # off below); on a CPU the answer is free and a wasted step is not.
+        # off in step 5); on a CPU the answer is free and a wasted step is not.
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
             break
         logits = step(token, done)  # (N, V)
 
     # 5) pack the record that training consumes
+    return _pack(tokenizer, prompt_ids, prompt_mask, (tokens, logps, ents), stop_ids, group_size)
+
+
+def _left_pad(tokenizer, prompts, pad_id, device):
+    """Step 1: the prompts' token ids (B, P), left-padded so that every prompt ends in column P-1, and
+    their mask (B, P), 1 = real token. P is the longest prompt's length."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(len(e) == 0 for e in encoded):
+        raise ValueError("an empty prompt: every prompt needs at least one token")
+    B, P = len(prompts), max(len(e) for e in encoded)
+    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        prompt_ids[i, P - len(e) :] = torch.tensor(e)
+        prompt_mask[i, P - len(e) :] = 1
+    return prompt_ids.to(device), prompt_mask.to(device)
+
+
+def _prefill(model, prompt_ids, prompt_mask, group_size, max_new_tokens, cuda_graph):
+    """Steps 2 and 3: run each prompt through the model once, then copy its KV cache to its G sample
+    rows. Returns the first decode step's logits (N, V) and `step`, which decodes one token for every
+    row: (N,) tokens, (N,) done -> (N, V) logits."""
+    (B, P), G, device = prompt_ids.shape, group_size, model.device
+    N = B * G
+    # under autocast (train.py's bfloat16 mode) the keys and values come out in the autocast dtype
+    cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
+    cache = KVCache(model.config, B, P if cuda_graph else P + max_new_tokens, device=device, dtype=cache_dtype)
+    h = model.hidden_states(prompt_ids, prompt_mask, cache)[:, -1:]  # (B, 1, D): only the last position is needed
+    logits = model.lm_head(h)[:, 0].float().repeat_interleave(G, dim=0)  # (N, V): each prompt's logits to its G rows
+    if cuda_graph:  # into a graph's static cache (DecodeGraph.load copies each prompt to its G rows)
+        graph = decode_graph(model, N, P + max_new_tokens, cache_dtype)
+        graph.load(cache, G)
+        return logits, graph.step
+    rows = torch.arange(B, device=device).repeat_interleave(G)  # (N,): the prompt of each sample row
+    return logits, EagerDecoder(model, cache.take_rows(rows), logits)  # a G-fold copy, then eager steps over it
+
+
+def _pack(tokenizer, prompt_ids, prompt_mask, steps, stop_ids, group_size) -> Rollout:
+    """Step 5: the Rollout, from the prompts (B, P) and the decode loop's lists of (N,) tokens,
+    log-probs and entropies, one entry per step. Trims the steps decoded after every row had stopped."""
+    tokens, logps, ents = steps
+    G = group_size
     response_ids = torch.stack(tokens, 1)  # (N, R)
     is_stop = torch.isin(response_ids, stop_ids)  # (N, R)
     # the mask is 1 up to and including the first stop token: count stops strictly before t

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from evaluate import held_out_split, is_local_task, load_problems
-from model import pick_device, save_pretrained
+from tasks import held_out_split, is_local_task, load_problems
+from load import pick_device, save_pretrained
 from update import Learner
 
 # -----------------------------------------------------------------------------------------------

@@ -59,10 +59,12 @@ import torch
 from tqdm import tqdm
 
 from advantage import explained_variance, gae_advantages, group_advantages, masked_mean
-from evaluate import check_context, check_device, cuda_graph_option, evaluate, is_correct
+from cli import check_context
+from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
+from grader import is_correct
 from flags import parse_args
 from metrics import MetricsLogger, Watch, plot_metrics
-from model import load_model, pick_device
+from load import load_model, pick_device
 from rollout import Rollout, format_prompt, graph_stats, sample
 from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
                   release_out_dir, restore, save_checkpoint)
@@ -338,9 +340,9 @@ def evaluate_held_out(cfg: Config, actor: Learner, tokenizer, held_out: list, st
     """Greedy pass@1 on the held-out problems, logged as an "eval" row of metrics.jsonl."""
     actor.net.eval()
     with actor.amp():
-        res = evaluate(actor.net, tokenizer, held_out, n=1, ks=[1], temperature=0, max_new_tokens=cfg.max_new_tokens,
-                       batch_prompts=cfg.eval_batch, progress=cfg.progress,
-                       cuda_graph=cuda_graph_option(cfg.cuda_graph, cfg.device))
+        greedy = EvalSettings(n=1, ks=[1], temperature=0, max_new_tokens=cfg.max_new_tokens, batch_prompts=cfg.eval_batch,
+                              cuda_graph=cuda_graph_option(cfg.cuda_graph, cfg.device), progress=cfg.progress)
+        res = evaluate(actor.net, tokenizer, held_out, greedy)
     log({"kind": "eval", "step": step, "accuracy": res["accuracy"], "accuracy_se": res["accuracy_se"],
          "num_problems": len(held_out), "mean_length": res["mean_length"]})
     print(f"step {step}: held-out greedy pass@1 {res['accuracy']:.3f} +- {res['accuracy_se']:.3f} on {len(held_out)} problems")

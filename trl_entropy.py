@@ -127,14 +127,15 @@ def paper_config(**overrides) -> GRPOConfig:
 
 
 def main(argv=None):
-    """Train on --task with `evaluate.is_correct` as the reward. Flags: ours below, and every GRPOConfig field."""
+    """Train on --task with `grader.is_correct` as the reward. Flags: ours below, and every GRPOConfig field."""
     from dataclasses import dataclass
 
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import TrlParser
 
-    from evaluate import is_correct, load_problems  # this repository's files: only the command line needs them
+    from grader import is_correct  # this repository's files: only the command line needs them
+    from tasks import load_problems
     from rollout import format_prompt
 
     @dataclass

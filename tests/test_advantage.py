@@ -144,7 +144,7 @@ def test_entropy_shaped_errors(alpha, kappa, match):
 
 
 def test_entropy_shaped_shape_error():
-    with pytest.raises(ValueError, match=r"\(N,\) or \(N, T\)"):
+    with pytest.raises(ValueError, match=r"\(N,\) or \(N, R\)"):
         entropy_shaped_advantages(torch.ones(2, 4), torch.ones(2, 3))
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import bench
-from model import KVCache, Transformer
+from load import model_from_hf
+from model import KVCache
 from rollout import pick_next_token, sample, score_responses
 
 
@@ -44,9 +45,9 @@ def test_byte_tokenizer_round_trips_and_fits_qwen():
     assert len(tok) == 257 and tok.eos_token_id == tok.pad_token_id == 256
     cfg = bench.qwen25_05b_config()
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (896, 24, 2, 151936)
-    from model import ModelConfig
+    from load import config_from_hf
 
-    ours = ModelConfig.from_hf(cfg)
+    ours = config_from_hf(cfg)
     assert ours.qkv_bias and ours.tie_embeddings and ours.rope_theta == 1e6 and ours.head_dim == 64
 
 
@@ -68,7 +69,7 @@ def test_training_gradients_equal_transformers(toy):
     """score_responses (padding skipped, chunked logits, recomputed norms and SwiGLU) + the loss gives
     the same gradients as transformers' model with full logits: the two steps row 4 times."""
     hf, _, _ = toy
-    ours = Transformer.from_hf(hf)  # shares the weights; separate .grad
+    ours = model_from_hf(hf)  # shares the weights; separate .grad
     rollout = bench.random_rollout(5, 7, 9, ours.config.vocab_size, torch.device("cpu"))
     ours.train(), hf.train()
     ours_step, hf_step = bench.training_steps(ours, hf, rollout)

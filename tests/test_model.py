@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 
-from model import KVCache, ModelConfig, Transformer, load_model, save_pretrained
+from load import config_from_hf, load_model, model_from_hf, save_pretrained
+from model import KVCache
 
 FAMILIES = ["qwen2", "qwen3", "llama"]
 
@@ -12,7 +13,7 @@ FAMILIES = ["qwen2", "qwen3", "llama"]
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(family):
     hf = tiny_hf_model(family)
-    ours = Transformer.from_hf(hf).eval()
+    ours = model_from_hf(hf).eval()
     x = torch.randint(0, 101, (3, 21))
     with torch.no_grad():
         diff = (hf(x).logits - ours(x)).abs().max().item()
@@ -20,9 +21,9 @@ def test_logits_match_transformers(family):
 
 
 def test_family_flags():
-    assert ModelConfig.from_hf(tiny_hf_model("qwen2").config).qkv_bias
-    assert ModelConfig.from_hf(tiny_hf_model("qwen3").config).qk_norm
-    llama = ModelConfig.from_hf(tiny_hf_model("llama").config)
+    assert config_from_hf(tiny_hf_model("qwen2").config).qkv_bias
+    assert config_from_hf(tiny_hf_model("qwen3").config).qk_norm
+    llama = config_from_hf(tiny_hf_model("llama").config)
     assert not llama.qkv_bias and not llama.qk_norm and llama.tie_embeddings
 
 
@@ -37,7 +38,7 @@ def test_real_smollm2_matches_transformers(smollm2_hf, smollm2):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decoding_equals_full_forward(family):
-    model = Transformer.from_hf(tiny_hf_model(family)).eval()
+    model = model_from_hf(tiny_hf_model(family)).eval()
     x = torch.randint(0, 101, (2, 30))
     cache = KVCache(model.config, batch_size=2, max_len=40)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_cached_decoding_equals_full_forward(family):
 
 
 def test_left_padding_gives_each_row_its_own_positions():
-    model = Transformer.from_hf(tiny_hf_model("qwen2")).eval()
+    model = model_from_hf(tiny_hf_model("qwen2")).eval()
     x = torch.randint(0, 101, (3, 16))
     mask = torch.ones(3, 16, dtype=torch.long)
     mask[1, :6] = 0  # row 1 is a 10-token prompt, left-padded
@@ -62,7 +63,7 @@ def test_left_padding_gives_each_row_its_own_positions():
 
 
 def test_repeat_interleave_copies_each_prompt_to_its_group():
-    model = Transformer.from_hf(tiny_hf_model("llama")).eval()
+    model = model_from_hf(tiny_hf_model("llama")).eval()
     x = torch.randint(0, 101, (2, 8))
     cache = KVCache(model.config, 2, 12)
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_repeat_interleave_copies_each_prompt_to_its_group():
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
-        model = Transformer.from_hf(tiny_hf_model("qwen3")).train()
+        model = model_from_hf(tiny_hf_model("qwen3")).train()
         model.gradient_checkpointing = ckpt
         model(torch.arange(20)[None] % 101).logsumexp(-1).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -93,7 +94,7 @@ def test_recompute_on_and_off_give_the_same_gradients():
 
     out = []
     for on in (False, True):
-        model = Transformer.from_hf(tiny_hf_model("qwen2")).train()
+        model = model_from_hf(tiny_hf_model("qwen2")).train()
         model.set_recompute(on)
         assert all(m.recompute is on for m in model.modules() if hasattr(m, "recompute"))
         logp, ent = score_responses(model, random_rollout(6, 5, 9, 101, torch.device("cpu")), chunk_rows=2)
@@ -126,14 +127,14 @@ def test_unsupported_architecture_is_named():
     from transformers import GPT2Config
 
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*qwen2, qwen3, llama"):
-        ModelConfig.from_hf(GPT2Config())
+        config_from_hf(GPT2Config())
 
 
 def test_unsupported_rope_scaling_is_named():
     cfg = tiny_hf_model("llama").config
     cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
-        ModelConfig.from_hf(cfg)
+        config_from_hf(cfg)
 
 
 @pytest.mark.parametrize(

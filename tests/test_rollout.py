@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_hf_model
 
 import rollout
-from model import KVCache, Transformer
+from load import model_from_hf
+from model import KVCache
 from rollout import format_prompt, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
 
 QUESTIONS = ["What is 7 * 8?", "A farmer has 12 cows and buys 35 more, then sells 4. How many cows are left?", "2+2?"]
@@ -148,7 +149,7 @@ def test_padded_vocab_rows_are_never_sampled(smollm2):
     """Qwen pads its embedding matrix past the tokenizer's vocabulary: those ids must never appear."""
     _, tok = smollm2
     V = len(tok) + 64
-    model = Transformer.from_hf(tiny_hf_model("llama", vocab_size=V, tie_word_embeddings=False)).eval()
+    model = model_from_hf(tiny_hf_model("llama", vocab_size=V, tie_word_embeddings=False)).eval()
     with torch.no_grad():
         model.lm_head.weight[len(tok) :] = 0
         model.lm_head.weight[len(tok) :, 0] = 1e3  # make the padded rows overwhelmingly likely
@@ -203,7 +204,7 @@ def test_one_graph_per_bucket_is_reused_across_calls(prompts):
     recorded graph); a stale cache from a longer earlier call must not leak into a later one."""
     import rollout
 
-    model = Transformer.from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
+    model = model_from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
     tok = _char_tok()
     long_first = sample(model, tok, ["7*8=?" * 9, "1+1"], group_size=4, max_new_tokens=30, seed=0, cuda_graph=True)
     assert len(rollout._GRAPHS[model]) == 1
@@ -280,7 +281,7 @@ def test_a_models_graphs_go_with_the_model():
 
     import rollout
 
-    model = Transformer.from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
+    model = model_from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
     sample(model, _char_tok(), ["1+1"], group_size=2, max_new_tokens=3, seed=0, cuda_graph=True)
     assert model in rollout._GRAPHS
     n = len(rollout._GRAPHS)

@@ -10,7 +10,7 @@ import torch
 import runs
 import train
 import update
-from model import load_model
+from load import load_model
 from train import Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
