@@ -3,6 +3,7 @@ advantage.py computes, every `python X.py` command names a script that exists an
 script accepts, and every file it links to exists. No model is loaded except by the example."""
 
 import contextlib
+import functools
 import io
 import re
 import runpy
@@ -82,7 +83,8 @@ def commands() -> list:
     return found
 
 
-def accepted_flags(script: str) -> set:
+@functools.lru_cache(maxsize=None)
+def accepted_flags(script: str) -> frozenset:
     """--help (which it has just answered) and the flags its help names, with - and _ treated alike
     (every script takes both spellings)."""
     out = io.StringIO()
@@ -95,7 +97,7 @@ def accepted_flags(script: str) -> set:
         assert stop.code in (0, None), f"{script} --help exited with {stop.code}"
     finally:
         sys.argv = argv
-    return {"--help"} | {f.replace("_", "-") for f in re.findall(r"--[A-Za-z][\w-]*", out.getvalue())}
+    return frozenset({"--help"} | {f.replace("_", "-") for f in re.findall(r"--[A-Za-z][\w-]*", out.getvalue())})
 
 
 def test_the_readme_has_commands_for_every_script():
@@ -134,3 +136,16 @@ def test_the_one_line_link_points_at_the_line():
     (path, number), = re.findall(r"## The one line.*?\]\((\w+\.py)#L(\d+)\)", README, flags=re.S)[:1]
     line = (ROOT / path).read_text().splitlines()[int(number) - 1]
     assert "psi = torch.minimum(alpha * entropy.detach(), adv.abs() / kappa)" in line, line
+
+
+OTHER_TOOLS = {"--no-deps": "pip", "--num_processes": "accelerate", "--logdir": "tensorboard"}
+
+
+def test_every_option_the_prose_names_exists():
+    """An option named anywhere (`--mini_batches 4` in a sentence) is one some script accepts."""
+    text = "\n".join(line for line in README.splitlines() if "-->" not in line)  # the pipeline's arrows
+    named = set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text)) - set(OTHER_TOOLS)
+    known = set().union(*(accepted_flags(s) for s in
+                           ("train.py", "evaluate.py", "entropy_view.py", "bench.py", "experiment.py", "trl_entropy.py")))
+    unknown = sorted(f for f in named if f.replace("_", "-") not in known)
+    assert not unknown, f"the README names options no script accepts: {unknown}"
