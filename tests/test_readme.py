@@ -118,6 +118,12 @@ def test_every_command_names_a_script_and_flags_it_accepts():
         assert not unknown, f"the README passes {unknown} to {script}, whose --help does not list them"
 
 
+def test_every_preset_named_is_a_file():
+    """`--preset NAME` in a command is config/NAME.py (nanoGPT's presets)."""
+    for name in re.findall(r"--preset[ =]([\w.-]+)", README):
+        assert (ROOT / "config" / f"{name}.py").is_file(), f"the README names preset {name}: no config/{name}.py"
+
+
 def test_every_linked_file_exists():
     links = re.findall(r"\]\(([^)\s]+)\)", README)
     local = [link for link in links if not re.match(r"[a-z]+://", link) and not link.startswith("#")]
@@ -133,8 +139,9 @@ def test_every_linked_file_exists():
 
 def test_the_one_line_link_points_at_the_line():
     """The README's link to the paper's line lands on the line that computes psi."""
-    (path, number), = re.findall(r"## The one line.*?\]\((\w+\.py)#L(\d+)\)", README, flags=re.S)[:1]
-    line = (ROOT / path).read_text().splitlines()[int(number) - 1]
+    link = re.search(r"## The one line\n.*?\]\((\w+\.py)#L(\d+)\)", README, flags=re.S)
+    assert link, "the section 'The one line' links to FILE.py#LNUMBER"
+    line = (ROOT / link.group(1)).read_text().splitlines()[int(link.group(2)) - 1]
     assert "psi = torch.minimum(alpha * entropy.detach(), adv.abs() / kappa)" in line, line
 
 
