@@ -175,7 +175,7 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
                                 "extracted": extract_answer(r.texts[j]), "correct": ok, "length": length,
                                 "mean_entropy": entropy_sums[j].item() / max(length, 1),
                                 "stopped": bool(r.stopped[j])})
-    per_problem = torch.tensor(counts, dtype=torch.float64) / n  # (number of problems,) accuracy of each
+    per_problem = torch.tensor(counts, dtype=torch.float64) / n  # (Q,): the accuracy of each of the Q problems
     result = {
         "n": n, "ks": ks, "num_problems": len(problems),
         "pass_at_k": pass_at_k_curve(counts, n, ks),

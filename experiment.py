@@ -3,8 +3,8 @@ experiment.py -- the paper's question in miniature: does the entropy advantage k
 coverage (Pass@K at large K) that plain GRPO gives up? Several seeds per arm, every arm of a seed
 seeing the same problems in the same order, Pass@K for K = 1..n with 95% bootstrap intervals.
 
-    python experiment.py                           # --size cpu: 2 seeds x 2 arms, n = 32 (estimate: ~1 h on 2 cores)
-    python experiment.py --size gpu                # 3 seeds x 2 arms, n = 256 (estimate: ~8 min on one H100)
+    python experiment.py                           # --size cpu: 2 seeds x 2 arms, n = 32 (see the sizes below)
+    python experiment.py --size gpu                # 3 seeds x 2 arms, n = 256
     python experiment.py --arms plain,entropy,entreg   # a third arm: classic entropy regularisation (Table 3)
     python experiment.py --algo ppo                # the same comparison for PPO (alpha 0.1, the paper's value)
     python experiment.py --seeds 3 --steps 40      # any train.py Config field works: --name value
@@ -41,18 +41,19 @@ problems only.
 OUT is runs/experiment/<algo>-<size> unless --out_dir says otherwise.
 
 The sizes (train.py's other defaults stay: token-level loss, clip-higher 0.2/0.28, no KL, lr 1e-5).
-Both use arith:3 (two-digit sums and differences, two digits by one) with up to 128 new tokens: the
-README's task measurements say why, and what is still unmeasured. Neither size has been timed yet:
-  cpu  2 seeds x 2 arms x 12 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves
-       off 1 and the clip acts); 24 held-out problems x n = 32. Estimated from the README's CPU rates
-       on 2 free cores: training 4 runs x 12 steps x ~30 s = 24 min, evaluation 5 models x 24 x 32
-       answers of up to 128 tokens at ~300 tokens/s = 27 min, loading and entropy samples ~5 min.
-  gpu  3 seeds x 2 arms x 15 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
-       x n = 256. Estimated, not measured (no GPU here): on an H200 a decode step replayed as a CUDA
-       graph takes 6-12 ms, so a 128-token rollout takes 0.8-1.5 s and a step with its scoring forward
-       and 4 updates ~3 s: 6 runs x 15 x 3 s = 4.5 min, plus ~15 s per run to load and record graphs
-       (1.5 min); evaluation 7 models x 6 calls of 8 x 256 rows x 128 steps at ~20 ms = 2 min.
-       In all about 8 minutes, with an uncertainty of a few minutes either way.
+Both use arith:3 (two-digit sums and differences, two digits by one) with up to 192 new tokens: the
+README's task measurement says why (at 192 tokens the starting model has 5% of its answers cut off,
+pass@1 0.12 and pass@64 0.625).
+  cpu  2 seeds x 2 arms x 8 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves off
+       1 and the clip acts); 10 held-out problems x n = 32. Measured: CPU_MINUTES on 2 cores
+       (2026-11-28; minutes.json has each stage). Too short for plain GRPO's reward to level off: it
+       is the CPU-sized run of the same experiment, not a test of the paper's claim.
+  gpu  3 seeds x 2 arms x 12 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
+       x n = 256. Estimated, not measured (no GPU was lent): on an H200 a decode step replayed as a
+       CUDA graph takes 6-12 ms, so a 192-token rollout takes 1.2-2.3 s and a step with its scoring
+       forward and 4 updates ~4 s: 6 runs x 12 x 4 s = 4.8 min, plus ~15 s per run to load and record
+       graphs (1.5 min); evaluation 7 models x 6 calls of 8 x 256 rows x 192 steps at ~20 ms = 2.7 min.
+       In all about 9 minutes, uncertain by a few minutes either way.
 """
 
 import dataclasses
@@ -84,10 +85,10 @@ ENTREG_COEF = 1e-3  # the entreg arm's --entropy_coef unless given
 
 # The sizes: train.py Config values, then the experiment's own (seeds, n). Flags given win.
 SIZES = {
-    "cpu": dict(config=dict(task="arith:3", max_new_tokens=128, steps=12, prompts_per_step=4, group_size=8,
-                            mini_batches=2, eval_problems=24, eval_batch=2),
+    "cpu": dict(config=dict(task="arith:3", max_new_tokens=192, steps=8, prompts_per_step=4, group_size=8,
+                            mini_batches=2, eval_problems=10, eval_batch=2),
                 seeds=2, n=32),
-    "gpu": dict(config=dict(task="arith:3", max_new_tokens=128, steps=15, prompts_per_step=32, group_size=8,
+    "gpu": dict(config=dict(task="arith:3", max_new_tokens=192, steps=12, prompts_per_step=32, group_size=8,
                             mini_batches=4, eval_problems=48, eval_batch=8),
                 seeds=3, n=256),
 }
@@ -95,10 +96,10 @@ SIZES = {
 HELP = f"""usage: python experiment.py [--size cpu|gpu] [--seeds K] [--arms plain,entropy[,entreg]] [--n N]
                           [any train.py Config field as --name value]
 
-  --size   cpu (default): 2 seeds x 2 arms, 12 steps of 4 x 8 answers, 24 held-out problems, n = 32;
-           estimated at about an hour on 2 free CPU cores.
-           gpu: 3 seeds x 2 arms, 15 steps of 32 x 8 answers, 48 held-out problems, n = 256;
-           estimated at about 8 minutes on one H100 (not measured: see the README).
+  --size   cpu (default): 2 seeds x 2 arms, 8 steps of 4 x 8 answers, 10 held-out problems, n = 32;
+           measured at CPU_MINUTES on 2 CPU cores.
+           gpu: 3 seeds x 2 arms, 12 steps of 32 x 8 answers, 48 held-out problems, n = 256;
+           estimated at about 9 minutes on one H100 (not measured: see the README).
   --seeds  seeds per arm (--seed, --seed + 1, ...)
   --arms   comma-separated, from: {", ".join(ARMS)} (plain must be one: differences are against it)
   --n      samples per held-out problem (Pass@K for K = 1..n)
@@ -274,25 +275,25 @@ def timed(out: str, stage: str, fn):
 
 
 def per_problem_pass_at_k(result: dict, ks: list) -> torch.Tensor:
-    """An evaluation's correct counts -> (P, len(ks)) per-problem Pass@K."""
+    """An evaluation's correct counts -> (Q, K) per-problem Pass@K (Q problems, K values of K)."""
     return torch.tensor([[pass_at_k(result["n"], c, k) for k in ks] for c in result["correct_counts"]], dtype=torch.float64)
 
 
 def bootstrap(values: torch.Tensor, draws: int = DRAWS, seed: int = 0, level: float = 0.95) -> dict:
-    """values (S seeds, P problems, K) -> the mean over seeds and problems, and its bootstrap interval.
+    """values (S seeds, Q problems, K) -> the mean over seeds and problems, and its bootstrap interval.
 
-    One replicate: draw S seeds with replacement; for each drawn seed, draw P problems with replacement
+    One replicate: draw S seeds with replacement; for each drawn seed, draw Q problems with replacement
     (independently per seed); average. The interval is the replicates' central `level` share. The
-    draws depend only on (S, P, draws, seed), so two arms bootstrapped with the same seed use the same
+    draws depend only on (S, Q, draws, seed), so two arms bootstrapped with the same seed use the same
     draws: bootstrapping their difference array is the paired bootstrap of the difference.
     Worked case: one seed, problems [0, 0, 1]: a replicate's mean is j/3 with j ~ Binomial(3, 1/3),
     so 8/27 of the replicates are 0 and 1/27 are 1; the 90% interval is [0, 2/3].
     """
-    S, P, _ = values.shape
+    S, Q, _ = values.shape
     g = torch.Generator().manual_seed(seed)
-    seed_idx = torch.randint(S, (draws, S), generator=g)  # (B, S)
-    problem_idx = torch.randint(P, (draws, S, P), generator=g)  # (B, S, P): problems drawn within each drawn seed
-    replicates = values[seed_idx[:, :, None], problem_idx].mean(dim=(1, 2))  # (B, K)
+    seed_idx = torch.randint(S, (draws, S), generator=g)  # (draws, S)
+    problem_idx = torch.randint(Q, (draws, S, Q), generator=g)  # (draws, S, Q): problems drawn within each drawn seed
+    replicates = values[seed_idx[:, :, None], problem_idx].mean(dim=(1, 2))  # (draws, K)
     tail = (1 - level) / 2
     low, high = torch.quantile(replicates, torch.tensor([tail, 1 - tail], dtype=values.dtype), dim=0)
     return {"mean": values.mean(dim=(0, 1)).tolist(), "low": low.tolist(), "high": high.tolist(), "replicates": replicates}
@@ -447,7 +448,7 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
     """results.md, results.json, passk.png, curves.png."""
     base, out, n = plan.base, plan.base.out_dir, plan.n
     task = base.eval_task or base.task
-    values = {"start": per_problem_pass_at_k(results["start", None], ks)[None]}  # (1, P, K)
+    values = {"start": per_problem_pass_at_k(results["start", None], ks)[None]}  # (1, Q, K)
     values.update({arm: torch.stack([per_problem_pass_at_k(results[arm, s], ks) for s in plan.seeds]) for arm in plan.arms})
     curves = {(start_label if arm == "start" else labels[arm]): bootstrap(v) for arm, v in values.items()}
     diffs = {f"{labels[arm]} minus plain": bootstrap(values[arm] - values["plain"]) for arm in plan.arms if arm != "plain"}
