@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import experiment
+import report
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
@@ -25,7 +26,7 @@ def shares(replicates: torch.Tensor, values: list) -> list:
 
 def test_bootstrap_over_problems_matches_the_binomial_case():
     """One seed, problems [0, 0, 1]: a replicate's mean is j/3 with j ~ Binomial(3, 1/3)."""
-    b = experiment.bootstrap(torch.tensor([[[0.0], [0.0], [1.0]]], dtype=torch.float64), draws=20000, level=0.9)
+    b = report.bootstrap(torch.tensor([[[0.0], [0.0], [1.0]]], dtype=torch.float64), draws=20000, level=0.9)
     assert shares(b["replicates"], [0, 1 / 3, 2 / 3, 1]) == pytest.approx([8 / 27, 12 / 27, 6 / 27, 1 / 27], abs=0.012)
     assert b["mean"] == pytest.approx([1 / 3])
     assert (b["low"][0], b["high"][0]) == pytest.approx((0.0, 2 / 3))  # 26/27 = 96.3% of replicates are <= 2/3
@@ -34,10 +35,10 @@ def test_bootstrap_over_problems_matches_the_binomial_case():
 def test_bootstrap_resamples_seeds_then_problems_within_each_seed():
     """Two seeds of one problem each, 0 and 1: only the seed draw varies, mean 0, 1/2, 1 with 1/4, 1/2, 1/4.
     Two seeds whose problems are [0, 1] and [0, 1]: problems are drawn per seed, mean j/4, j ~ Binomial(4, 1/2)."""
-    b = experiment.bootstrap(torch.tensor([[[0.0]], [[1.0]]], dtype=torch.float64), draws=20000)
+    b = report.bootstrap(torch.tensor([[[0.0]], [[1.0]]], dtype=torch.float64), draws=20000)
     assert shares(b["replicates"], [0, 0.5, 1]) == pytest.approx([0.25, 0.5, 0.25], abs=0.012)
     assert (b["low"][0], b["high"][0]) == (0.0, 1.0)
-    b = experiment.bootstrap(torch.tensor([[[0.0], [1.0]], [[0.0], [1.0]]], dtype=torch.float64), draws=20000)
+    b = report.bootstrap(torch.tensor([[[0.0], [1.0]], [[0.0], [1.0]]], dtype=torch.float64), draws=20000)
     assert shares(b["replicates"], [0, 0.25, 0.5, 0.75, 1]) == pytest.approx([1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16], abs=0.012)
 
 
@@ -46,10 +47,10 @@ def test_a_paired_difference_cancels_what_the_arms_share():
     interval of the difference is the single point 0.1; unpaired it would span most of [−1, 1]."""
     g = torch.Generator().manual_seed(0)
     plain = torch.rand(3, 20, 2, generator=g, dtype=torch.float64) * 0.8
-    diff = experiment.bootstrap(plain + 0.1 - plain)
+    diff = report.bootstrap(plain + 0.1 - plain)
     assert diff["low"] == pytest.approx([0.1, 0.1]) and diff["high"] == pytest.approx([0.1, 0.1])
-    assert experiment.differs(diff, [1, 2]) == {"above": [1, 2], "below": []}
-    a, b = experiment.bootstrap(plain), experiment.bootstrap(plain + 0.1)  # same draws: the replicates differ by 0.1
+    assert report.differs(diff, [1, 2]) == {"above": [1, 2], "below": []}
+    a, b = report.bootstrap(plain), report.bootstrap(plain + 0.1)  # same draws: the replicates differ by 0.1
     assert torch.allclose(b["replicates"] - a["replicates"], torch.full_like(a["replicates"], 0.1))
     assert b["high"][0] - b["low"][0] > 0.1  # ... while each arm's own band is wider than the gap
 

@@ -1,0 +1,143 @@
+"""
+report.py -- stage 3 of experiment.py: from the evaluations' correct counts to Pass@K with 95%
+bootstrap intervals, the differences between arms, the plots and the tables of results.md.
+
+Pure functions of numbers (bootstrap, differs, per_problem_pass_at_k) come first, so the tests can
+pin them against hand-computed cases; then the plots and the markdown. experiment.py's `report`
+calls them; nothing here trains or samples.
+"""
+
+import json
+import os
+
+import torch
+
+from evaluate import default_ks, pass_at_k
+from metrics import plot_panels
+
+DRAWS = 2000  # bootstrap replicates
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 3a: the statistics. Pass@K of one problem is the unbiased estimate from its n samples; a
+# model's Pass@K is the mean over problems (and over seeds); the interval comes from resampling both.
+
+
+def per_problem_pass_at_k(result: dict, ks: list) -> torch.Tensor:
+    """An evaluation's correct counts -> (Q, K) per-problem Pass@K (Q problems, K values of K)."""
+    return torch.tensor([[pass_at_k(result["n"], c, k) for k in ks] for c in result["correct_counts"]], dtype=torch.float64)
+
+
+def bootstrap(values: torch.Tensor, draws: int = DRAWS, seed: int = 0, level: float = 0.95) -> dict:
+    """values (S seeds, Q problems, K) -> the mean over seeds and problems, and its bootstrap interval.
+
+    One replicate: draw S seeds with replacement; for each drawn seed, draw Q problems with replacement
+    (independently per seed); average. The interval is the replicates' central `level` share. The
+    draws depend only on (S, Q, draws, seed), so two arms bootstrapped with the same seed use the same
+    draws: bootstrapping their difference array is the paired bootstrap of the difference.
+    Worked case: one seed, problems [0, 0, 1]: a replicate's mean is j/3 with j ~ Binomial(3, 1/3),
+    so 8/27 of the replicates are 0 and 1/27 are 1; the 90% interval is [0, 2/3].
+    """
+    S, Q, _ = values.shape
+    g = torch.Generator().manual_seed(seed)
+    seed_idx = torch.randint(S, (draws, S), generator=g)  # (draws, S)
+    problem_idx = torch.randint(Q, (draws, S, Q), generator=g)  # (draws, S, Q): problems drawn within each drawn seed
+    replicates = values[seed_idx[:, :, None], problem_idx].mean(dim=(1, 2))  # (draws, K)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(replicates, torch.tensor([tail, 1 - tail], dtype=values.dtype), dim=0)
+    return {"mean": values.mean(dim=(0, 1)).tolist(), "low": low.tolist(), "high": high.tolist(), "replicates": replicates}
+
+
+def differs(diff: dict, ks: list) -> dict:
+    """{"above": [K where the whole interval is > 0], "below": [K where it is < 0]}."""
+    return {"above": [k for k, lo in zip(ks, diff["low"]) if lo > 0], "below": [k for k, hi in zip(ks, diff["high"]) if hi < 0]}
+
+
+def per_step(folders: list, key: str) -> tuple:
+    """One metric of the seeds' runs -> (steps, mean over seeds, min, max) at the steps every seed logged."""
+    runs = []
+    for folder in folders:
+        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        runs.append({r["step"]: r[key] for r in rows if r.get("kind") == "train" and r.get(key) is not None})  # last row wins
+    steps = sorted(set.intersection(*(set(r) for r in runs)))  # PPO's warm-up has no psi
+    table = torch.tensor([[r[s] for r in runs] for s in steps], dtype=torch.float64).reshape(len(steps), len(runs))
+    return steps, table.mean(1).tolist(), table.min(1).values.tolist(), table.max(1).values.tolist()
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 3b: plots and tables
+
+
+PANELS = [("reward", "reward (mean)"), ("entropy", "token entropy (nats)"), ("psi_ratio", "psi / |A| (tokens with A != 0)"),
+          ("length", "response length (tokens)"), ("zero_spread_groups", "groups with no reward spread"),
+          ("clip_frac", "clip fraction")]
+
+
+def plot_passk(curves: dict, diffs: dict, ks: list, path: str, title: str):
+    """passk.png: left, Pass@K per model with its 95% band; right, each arm minus plain with its band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, c in curves.items():
+        line, = ax.plot(ks, c["mean"], label=label)
+        ax.fill_between(ks, c["low"], c["high"], color=line.get_color(), alpha=0.2)
+    for label, d in diffs.items():
+        line, = dx.plot(ks, d["mean"], label=label)
+        dx.fill_between(ks, d["low"], d["high"], color=line.get_color(), alpha=0.2)
+    dx.axhline(0, color="black", lw=0.8)
+    for a, ylabel in ((ax, "Pass@K"), (dx, "difference in Pass@K")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("K (samples per problem)")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    dx.set_title("arm minus plain, paired (95% bootstrap band)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(runs: dict, path: str):
+    """curves.png: one panel per metric, one line per arm (mean over seeds), shaded: min to max over seeds."""
+    plot_panels(path, PANELS, {label: {key: per_step(folders, key) for key, _ in PANELS} for label, folders in runs.items()},
+                rows=2)
+
+
+def interval(c: dict, i: int) -> str:
+    return f"{c['mean'][i]:.3f} [{c['low'][i]:.3f}, {c['high'][i]:.3f}]"
+
+
+def tables(curves: dict, diffs: dict, ks: list, n: int, stats: dict) -> str:
+    """Markdown: Pass@K with intervals at powers of 2, the differences, entropy of pivotal and reflective tokens."""
+    shown = default_ks(n)
+    cols = [ks.index(k) for k in shown]
+    lines = ["| model | " + " | ".join(f"pass@{k}" for k in shown) + " |", "|---|" + "---:|" * len(shown)]
+    lines += [f"| {label} | " + " | ".join(interval(c, i) for i in cols) + " |" for label, c in curves.items()]
+    lines += [f"| {label} | " + " | ".join(interval(d, i) for i in cols) + " |" for label, d in diffs.items()]
+    lines += ["", "| model | pivotal tokens: mean entropy (count) | reflective | other | all |", "|---|---:|---:|---:|---:|"]
+    for label, per_seed in stats.items():
+        def cell(group):
+            ms = [s["groups"][group]["mean"] for s in per_seed if s["groups"][group]["mean"] is not None]
+            count = sum(s["groups"][group]["count"] for s in per_seed)
+            return f"{sum(ms) / len(ms):.3f} ({count})" if ms else f"- ({count})"
+        lines.append(f"| {label} | {cell('pivotal')} | {cell('reflective')} | {cell('other')} | {cell('all')} |")
+    return "\n".join(lines)
+
+
+def verdict(diffs: dict, ks: list) -> str:
+    """The plain sentence: at which K an arm differs from plain beyond its 95% interval, and which way."""
+    said = []
+    for label, d in diffs.items():
+        where = differs(d, ks)
+        if not where["above"] and not where["below"]:
+            lo, hi = min(d["low"]), max(d["high"])
+            said.append(f"{label}: no K where the 95% interval excludes 0 (the intervals span {lo:+.3f} to {hi:+.3f})")
+        else:
+            parts = [f"higher at K = {', '.join(map(str, where['above']))}"] if where["above"] else []
+            parts += [f"lower at K = {', '.join(map(str, where['below']))}"] if where["below"] else []
+            said.append(f"{label}: {' and '.join(parts)}, beyond the 95% interval; elsewhere within it")
+    return "; ".join(said) + "."
