@@ -15,9 +15,10 @@ One step of the loop is the whole pipeline, one function call per arrow (train()
       -> for each mini-batch: forward, clipped loss, backward, clip grad norm, optimiser step
 
 This file holds the configuration and the loop. The boxes live in their own files: rollout.py
-samples, evaluate.py grades, advantage.py holds the maths (the paper's line and the clipped loss),
+samples, grader.py grades, advantage.py holds the maths (the paper's line and the clipped loss),
 update.py applies them (mini- and micro-batches, optimiser steps); runs.py and metrics.py are the
-bookkeeping (precision, data, checkpoints; logs, warnings, plots), flags.py the command line.
+bookkeeping (precision, data, checkpoints; logs, warnings, plots), flags.py the command line;
+tasks.py gives the problems and evaluate.py the held-out Pass@K.
 
 Our choices, and where we simplify against the paper (its Appendix B):
   1. The entropy term: psi_t = min(alpha * H_t.detach(), |A_t| / kappa) added to every response
@@ -84,7 +85,7 @@ class Config:
     progress: bool = True  # tqdm bars
     log: str = ""  # also log to "tensorboard" (in out_dir/tensorboard) or "wandb" (offline); "" = metrics.jsonl only
     # --- model
-    model: str = "smollm2-135m"  # alias, .gguf file, local folder or hub id (see model.load_model)
+    model: str = "smollm2-135m"  # alias, .gguf file, local folder or hub id (see load.load_model)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast over float32 weights (see runs.choose_precision)
     cuda_graph: str = "auto"  # auto | true | false: replay each decode step as a CUDA graph (auto: on CUDA)
