@@ -21,13 +21,12 @@ distribution it was drawn from (the paper's H_t), both in nats at the sampling t
     r.texts, r.entropies, r.response_mask
 """
 
-import time
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from decode import CHECK_STOP_EVERY, EagerDecoder, decode_graph
 from model import KVCache, response_outputs
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -173,143 +172,6 @@ def _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k):
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-
-
-# -----------------------------------------------------------------------------------------------
-# The decode step, eagerly: rows that have stopped leave the batch
-
-# The G answers to a prompt differ in length, and a batch decodes until its longest answer ends:
-# in an evaluation at 128 rows, the last tenth of the rows can keep the batch going for half of its
-# steps. On a CPU a step's cost grows with the rows it computes (at 128 rows it is ~8 times that at
-# 16), so computing only the rows still decoding makes such a tail cheap. Every row keeps its place
-# in the (N, V) logits the loop reads; a stopped row's logits are stale, but the loop only ever
-# writes padding for it. (A CUDA graph fixes its rows, so DecodeGraph below always computes all.)
-COMPACT_WHEN = 0.75  # drop the stopped rows once at most this share of the batch is still decoding
-
-
-class EagerDecoder:
-    """step(token (N,), done (N,)) -> logits (N, V), computing only the rows not done."""
-
-    def __init__(self, model, cache: KVCache, logits: torch.Tensor):
-        self.model, self.cache = model, cache
-        self.rows = torch.arange(logits.shape[0], device=logits.device)  # (n,): the row each cache row serves
-        self.logits = logits  # (N, V), updated in place
-
-    def __call__(self, token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        active = ~done[self.rows]  # (n,)
-        if 0 < active.sum() <= COMPACT_WHEN * len(self.rows):  # (a host sync: a GPU takes the graph path)
-            keep = active.nonzero().squeeze(1)  # (n',)
-            self.cache, self.rows = self.cache.take_rows(keep), self.rows[keep]
-        out = self.model(token[self.rows, None], cache=self.cache)[:, -1]  # (n, V)
-        return self.logits.index_copy_(0, self.rows, out.float())
-
-
-# -----------------------------------------------------------------------------------------------
-# The decode step on a GPU: recorded once as a CUDA graph, replayed every token
-
-# A decode step of a small model is about a thousand small kernels, and launching them one by one
-# from Python takes longer than the GPU needs to run them: measured on an H200, an eager step cost
-# ~100 ms whatever the batch, a replayed graph 6-12 ms. A CUDA graph records the kernels of one
-# step once and replays them with a single launch. It fixes shapes and memory addresses, so
-#   * the tokens go in through a buffer we copy into, the logits come out in a buffer the graph
-#     owns (overwritten by the next replay), and the KV cache is static (see KVCache);
-#   * a graph serves one (rows, cache length) shape. So that a whole run records a handful of graphs
-#     and not one per step, both are rounded up to buckets (rows to a power of two, the cache to a
-#     multiple of 256 slots); spare rows decode padding that nobody reads, and spare cache slots are
-#     masked out like padding. The graphs are kept per model and reused by every later call:
-#     training steps and evaluation batches of the same bucket replay the same graph.
-GRAPH_LENGTH_STEP = 256
-_GRAPHS = weakref.WeakKeyDictionary()  # model -> {(rows, length, dtype): DecodeGraph}; gone with the model
-CHECK_STOP_EVERY = {"cpu": 1, "cuda": 8}  # decode steps between "have all rows stopped?" checks (see sample)
-
-
-def graph_bucket(n_rows: int, length: int) -> tuple:
-    """(rows, cache length) of the graph that serves n_rows rows and `length` cache slots.
-
-    >>> graph_bucket(24, 300), graph_bucket(1024, 512)
-    ((32, 512), (1024, 512))
-    """
-    return 1 << (n_rows - 1).bit_length(), -(-length // GRAPH_LENGTH_STEP) * GRAPH_LENGTH_STEP
-
-
-class DecodeGraph:
-    """One decode step of `rows` rows over a static cache of `length` slots, recorded as a CUDA graph.
-
-    load() puts a prefilled prompt cache in (each prompt's keys and values copied to its G rows),
-    step() replays the graph: tokens (N,) -> logits (N, V). record=False runs the same step eagerly
-    on the same static cache: what the tests compare on a CPU, where graphs do not exist.
-    """
-
-    def __init__(self, model, rows: int, length: int, dtype, record: bool = True):
-        device = model.device
-        self.cache = KVCache(model.config, rows, length, device=device, dtype=dtype, static=True)
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (rows, 1): the graph's input
-        self.record_seconds = 0.0
-        if not record:  # (a weak reference: _GRAPHS must not keep the model it is keyed by alive)
-            self.graph, self.model = None, weakref.ref(model)
-            return
-        t0 = time.perf_counter()
-        # Under autocast, recording must not use autocast's cache of bfloat16 weight copies: that
-        # cache is freed when the `with` block ends, and the graph would go on reading freed memory
-        # (and never see the optimiser's updates). Without it the graph casts the float32 weights
-        # each replay: about 1 ms for 0.5B parameters on an H100, and always the current weights.
-        amp = torch.is_autocast_enabled("cuda")
-        amp_ctx = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False)
-        # One eager step first, on a side stream: libraries set themselves up lazily on first use,
-        # which is not allowed during a capture. It writes one slot and advances the cache; load()
-        # resets both before every use.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), amp_ctx:
-            model(self.tokens, cache=self.cache)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), amp_ctx:
-            self.logits = model(self.tokens, cache=self.cache)[:, -1]  # recorded, not run: (rows, V)
-        torch.cuda.synchronize()
-        self.record_seconds = time.perf_counter() - t0
-
-    def load(self, prompt_cache: KVCache, group_size: int):
-        """Row i*G+g of the static cache gets prompt i's keys, values and mask; every other slot is
-        masked out (left over from an earlier call, but never read), and the next slot is P."""
-        B, P, G = prompt_cache.mask.shape[0], prompt_cache.length, group_size
-        N = B * G
-        for static, prefilled in zip(self.cache.k + self.cache.v, prompt_cache.k + prompt_cache.v):
-            # (B, G, Hkv, P, hd) view of the first N rows <- (B, 1, Hkv, P, hd): no G-fold copy in between
-            static[:N].unflatten(0, (B, G))[:, :, :, :P].copy_(prefilled[:, None, :, :P])
-        self.cache.mask.zero_()
-        self.cache.mask[:N].unflatten(0, (B, G))[:, :, :P].copy_(prompt_cache.mask[:, None, :P])
-        self.cache.position.fill_(P)
-        self.cache.length = P
-        self.tokens.zero_()  # spare rows decode token 0 over an empty (all masked) prompt
-
-    def step(self, tokens: torch.Tensor, done=None) -> torch.Tensor:
-        """tokens (N,) -> logits (N, V). Every row is computed: `done` is there to match EagerDecoder."""
-        N = tokens.shape[0]
-        self.tokens[:N, 0].copy_(tokens)
-        if self.graph is None:
-            return self.model()(self.tokens, cache=self.cache)[:N, -1]
-        self.graph.replay()
-        return self.logits[:N]  # (N, V), a view of the graph's output buffer
-
-
-def decode_graph(model, n_rows: int, length: int, dtype) -> DecodeGraph:
-    """The model's graph for this bucket: recorded on first use, then reused."""
-    graphs = _GRAPHS.setdefault(model, {})
-    key = (*graph_bucket(n_rows, length), dtype)
-    if key not in graphs:
-        graphs[key] = DecodeGraph(model, key[0], key[1], dtype, record=model.device.type == "cuda")
-    return graphs[key]
-
-
-def graph_stats(model) -> dict:
-    """How many decode graphs this model has recorded, and the seconds that took (train.py logs it)."""
-    graphs = _GRAPHS.get(model, {})
-    return {"cuda_graphs": len(graphs), "graph_record_s": sum(g.record_seconds for g in graphs.values())}
-
-
-# -----------------------------------------------------------------------------------------------
-# The sampler
 
 
 @torch.no_grad()

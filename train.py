@@ -66,7 +66,8 @@ from grader import is_correct
 from flags import parse_args
 from metrics import MetricsLogger, Watch, plot_metrics
 from load import load_model, pick_device
-from rollout import Rollout, format_prompt, graph_stats, sample
+from decode import graph_stats
+from rollout import Rollout, format_prompt, sample
 from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
                   release_out_dir, restore, save_checkpoint)
 from update import Learner, MicroBatchPlan, make_learners, reference_model, score_before_update, update

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 
-import rollout
+import decode
 from load import model_from_hf
 from model import KVCache
 from rollout import format_prompt, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
@@ -138,7 +138,7 @@ def test_stopped_rows_leave_the_batch_without_changing_the_sample(smollm2, promp
     monkeypatch.setattr(KVCache, "take_rows", lambda self, rows: calls.append(len(rows)) or take_rows(self, rows))
     dropping = sample(model, tok, prompts, **kw)
     assert len(calls) >= 2 and calls[-1] < calls[0]  # the G-fold copy, then at least one smaller batch
-    monkeypatch.setattr(rollout, "COMPACT_WHEN", 0.0)  # never drop a row
+    monkeypatch.setattr(decode, "COMPACT_WHEN", 0.0)  # never drop a row
     full = sample(model, tok, prompts, **kw)
     assert torch.equal(dropping.response_ids, full.response_ids) and dropping.texts == full.texts
     assert torch.allclose(dropping.logprobs, full.logprobs, atol=1e-5)
@@ -202,22 +202,20 @@ def test_static_bucketed_cache_equals_eager_decoding(smollm2, prompts, temperatu
 def test_one_graph_per_bucket_is_reused_across_calls(prompts):
     """Calls whose rows and lengths fall in the same bucket share one static cache (on CUDA, one
     recorded graph); a stale cache from a longer earlier call must not leak into a later one."""
-    import rollout
-
     model = model_from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
     tok = _char_tok()
     long_first = sample(model, tok, ["7*8=?" * 9, "1+1"], group_size=4, max_new_tokens=30, seed=0, cuda_graph=True)
-    assert len(rollout._GRAPHS[model]) == 1
+    assert len(decode._GRAPHS[model]) == 1
     for rows, new in [(6, 20), (7, 5), (8, 30)]:  # all in the (8 rows, 256 slots) bucket
         qs = ["2+2", "3*3=?"][: 1 + (rows > 4)]
         g = rows // len(qs)
         a = sample(model, tok, qs, group_size=g, max_new_tokens=new, seed=rows, cuda_graph=True)
         b = sample(model, tok, qs, group_size=g, max_new_tokens=new, seed=rows, cuda_graph=False)
         assert torch.equal(a.response_ids, b.response_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
-    assert len(rollout._GRAPHS[model]) == 1 and long_first.response_ids.shape[0] == 8
+    assert len(decode._GRAPHS[model]) == 1 and long_first.response_ids.shape[0] == 8
     sample(model, tok, ["2+2"], group_size=9, max_new_tokens=4, seed=0, cuda_graph=True)  # 9 rows: a 16-row bucket
-    assert sorted(k[:2] for k in rollout._GRAPHS[model]) == [(8, 256), (16, 256)]
-    assert rollout.graph_stats(model)["cuda_graphs"] == 2
+    assert sorted(k[:2] for k in decode._GRAPHS[model]) == [(8, 256), (16, 256)]
+    assert decode.graph_stats(model)["cuda_graphs"] == 2
 
 
 def _char_tok():
@@ -279,12 +277,10 @@ def test_a_models_graphs_go_with_the_model():
     """_GRAPHS holds each model's graphs (and their caches) only as long as the model lives."""
     import gc
 
-    import rollout
-
     model = model_from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
     sample(model, _char_tok(), ["1+1"], group_size=2, max_new_tokens=3, seed=0, cuda_graph=True)
-    assert model in rollout._GRAPHS
-    n = len(rollout._GRAPHS)
+    assert model in decode._GRAPHS
+    n = len(decode._GRAPHS)
     del model
     gc.collect()
-    assert len(rollout._GRAPHS) == n - 1
+    assert len(decode._GRAPHS) == n - 1
