@@ -1,8 +1,8 @@
 """
 bench.py -- how fast and how lean our sampler and training step are, against `transformers`.
 
-    python bench.py                  # CPU: SmolLM2-135M, rows 1-4 (under 10 minutes on 2 cores)
-    python bench.py --quick          # rows 1-4, 6 and 7 at toy sizes on a tiny random model (about a minute)
+    python bench.py                  # CPU: SmolLM2-135M, rows 1-4 and 8 (under 15 minutes on 2 cores)
+    python bench.py --quick          # rows 1-4, 6, 7 and 8 at toy sizes on a tiny random model (about a minute)
     python bench.py --device cuda    # rows 5-7: SmolLM2 and Qwen2.5-0.5B shapes with random weights, bfloat16
     python bench.py --device cuda --quick    # rows 5-7 at toy sizes: a smoke test before the real run
 
@@ -27,6 +27,9 @@ the ratio is the result. The table is printed and written as JSON (--out).
         SmolLM2-135M (6a) and Qwen2.5-0.5B (6b) architectures. GPU rows; --quick runs them on toys.
     7   evaluate() (16 problems x 64 samples x 128 new tokens, graded) against generate() on the same
         rows, graded the same way. A GPU row; --quick runs it on a toy.
+    8   an evaluation's sampling (2 arith:3 problems x 32 answers, up to 192 tokens, stopping at the
+        end token) with the rows that have stopped dropped from each step, vs computing every row
+        until the last one stops. A CPU row.
 
 Simplifications: the rows on random weights (quick mode, rows 5-7) use a tokenizer with one token per
 byte, built here in a few lines, so nothing is downloaded. Row 4's rollout is random tokens with
@@ -64,6 +67,7 @@ FULL = dict(
     r5_prompts=8, r5_group=8, r5_prompt_len=64, r5_new=512, r5_repeats=3, r5_train_rows=8,
     r6_prompts=32, r6_group=8, r6_prompt_len=64, r6_new=256, r6_repeats=2,
     r7_problems=16, r7_samples=64, r7_prompt_len=64, r7_new=128, r7_repeats=2,
+    r8_prompts=2, r8_group=32, r8_new=192, r8_repeats=2,
 )
 QUICK = dict(
     r1_prompts=2, r1_group=2, r1_prompt_len=12, r1_new=8, r1_repeats=2,
@@ -73,6 +77,7 @@ QUICK = dict(
     r5_prompts=2, r5_group=2, r5_prompt_len=16, r5_new=8, r5_repeats=2, r5_train_rows=4,
     r6_prompts=2, r6_group=4, r6_prompt_len=12, r6_new=8, r6_repeats=1,
     r7_problems=2, r7_samples=4, r7_prompt_len=12, r7_new=8, r7_repeats=1,
+    r8_prompts=1, r8_group=4, r8_new=8, r8_repeats=1,
 )
 TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -536,6 +541,34 @@ def row_evaluate(hf, model, tok, S, device):
                   note="generate ignores EOS here, ours stops a row at EOS: with random weights almost none does")
 
 
+def row_drop_stopped(model, tok, S, device):
+    """Row 8: sampling as an evaluation does (real stop tokens, temperature 0.6, top-p 0.95), with the
+    rows that have stopped dropped from the batch (decode.EagerDecoder), against computing every row
+    until the last one stops. Both make the same answers; only the time differs."""
+    import decode
+    from rollout import format_prompt
+    from tasks import load_problems
+
+    n, G, new, repeats = S["r8_prompts"], S["r8_group"], S["r8_new"], S["r8_repeats"]
+    prompts = [format_prompt(tok, p.question) for p in load_problems("arith:3", "test", n)]
+    default = decode.COMPACT_WHEN
+
+    def run(share):
+        def go():
+            decode.COMPACT_WHEN = share  # 0: never drop a row
+            try:
+                return sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=0.6, top_p=0.95, seed=0)
+            finally:
+                decode.COMPACT_WHEN = default
+        return go
+
+    lengths = run(default)().lengths  # (N,), also the warm-up
+    t_ours, t_base = compare_times(run(default), run(0.0), repeats, device)
+    what = f"dropping stopped rows vs computing all: {n} arith:3 prompts x {G}, up to {new} new tokens (s)"
+    note = f"answers of {lengths.mean():.0f} tokens on average, the longest {lengths.max():.0f}"
+    return result("8", what, t_ours, t_base, "s", ">= 1.0x", note=note)
+
+
 # -----------------------------------------------------------------------------------------------
 # The run
 
@@ -588,7 +621,7 @@ def print_table(rows):
 
 def main(argv=None):
     parser = OneLineParser(description="Speed and memory against transformers (see the docstring).")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 on SmolLM2-135M; cuda: rows 5-7")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 and 8 on SmolLM2-135M; cuda: rows 5-7")
     parser.add_argument("--profile", action="store_true", help="instead of the rows: where row 1's decode steps spend their time")
     parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model, to check that every row runs")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
@@ -625,6 +658,7 @@ def main(argv=None):
         if args.quick:  # the GPU rows' code paths, on the toy (their full sizes would take an hour on a CPU)
             rows += progress([row_grpo_step("6", hf, model, tok, S, device, "toy")], start)
             rows += progress([row_evaluate(hf, model, tok, S, device)], start)
+        rows += progress([row_drop_stopped(model, tok, S, device)], start)
     else:
         (hf, model), tok = random_qwen(device, torch.bfloat16, **(TOY if args.quick else {})), byte_tokenizer()
         name = "Qwen2.5-0.5B architecture (random weights)" if not args.quick else "toy Qwen2 (random weights)"
