@@ -51,15 +51,17 @@ def check_device(device: str | None):
         raise ValueError(f"--device {device}, but torch sees no GPU here: use --device cpu")
 
 
-def cuda_graph_option(value: str, device: str | None):
-    """--cuda-graph auto|true|false -> what sample() takes (None = auto: on for CUDA, off elsewhere)."""
+def cuda_graph_option(value: str, device: str | None, option: str = "--cuda-graph"):
+    """--cuda-graph auto|true|false -> what sample() takes (None = auto: on for CUDA, off elsewhere).
+    `option` is the flag's name in the error (train.py spells it --cuda_graph)."""
     from load import pick_device
 
     if value not in ("auto", "true", "false"):
-        raise ValueError(f"--cuda-graph must be auto, true or false, got '{value}'")
+        raise ValueError(f"{option} must be auto, true or false, got '{value}'")
     on_cuda = pick_device(device).type == "cuda"
     if value == "true" and not on_cuda:
-        raise ValueError("--cuda-graph true needs a CUDA device (CUDA graphs do not exist on a CPU): leave it at auto")
+        raise ValueError(f"{option} true needs a CUDA device (CUDA graphs do not exist on a CPU): "
+                         "leave it at auto (on for CUDA, off elsewhere)")
     return {"auto": None, "true": True, "false": False}[value]
 
 

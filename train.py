@@ -65,7 +65,7 @@ from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
 from grader import is_correct
 from flags import parse_args
 from metrics import MetricsLogger, Watch, plot_metrics
-from load import load_model, pick_device
+from load import load_model
 from decode import graph_stats
 from rollout import Rollout, format_prompt, sample
 from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
@@ -183,9 +183,7 @@ def check_config(cfg: Config):
         raise ValueError("config error: " + "; ".join(problems))
     check_device(None if cfg.device == "auto" else cfg.device)
     MetricsLogger.check(cfg)
-    if cfg.cuda_graph == "true" and pick_device(cfg.device).type != "cuda":
-        raise ValueError("--cuda_graph true needs a CUDA device (CUDA graphs do not exist on a CPU): "
-                         "leave it at auto (on for CUDA, off elsewhere)")
+    cuda_graph_option(cfg.cuda_graph, cfg.device, "--cuda_graph")  # true without CUDA: refused here, before the model loads
 
 
 # -----------------------------------------------------------------------------------------------
