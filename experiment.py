@@ -84,11 +84,11 @@ ENTREG_COEF = 1e-3  # the entreg arm's --entropy_coef unless given
 
 # The sizes: train.py Config values, then the experiment's own (seeds, n). Flags given win.
 SIZES = {
-    "cpu": dict(config=dict(task="arith:3", max_new_tokens=192, steps=8, prompts_per_step=4, group_size=8,
-                            mini_batches=2, eval_problems=10, eval_batch=2),
+    "cpu": dict(config=dict(task="arith:3", max_new_tokens=192, temperature=0.6, top_p=0.95, steps=8, prompts_per_step=4,
+                            group_size=8, mini_batches=2, eval_problems=10, eval_batch=2),
                 seeds=2, n=32),
-    "gpu": dict(config=dict(task="arith:3", max_new_tokens=192, steps=12, prompts_per_step=32, group_size=8,
-                            mini_batches=4, eval_problems=48, eval_batch=8),
+    "gpu": dict(config=dict(task="arith:3", max_new_tokens=192, temperature=0.6, top_p=0.95, steps=12, prompts_per_step=32,
+                            group_size=8, mini_batches=4, eval_problems=48, eval_batch=8),
                 seeds=3, n=256),
 }
 
