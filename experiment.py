@@ -43,9 +43,13 @@ OUT is runs/experiment/<algo>-<size> unless --out_dir says otherwise.
 The sizes (train.py's other defaults stay: token-level loss, clip-higher 0.2/0.28, no KL, lr 1e-5).
 Both use arith:3 (two-digit sums and differences, two digits by one) with up to 192 new tokens: the
 README's task measurement says why (at 192 tokens the starting model has 5% of its answers cut off,
-pass@1 0.12 and pass@64 0.625).
+pass@1 0.12 and pass@64 0.625). Both train at temperature 0.6 and top-p 0.95, the evaluation's
+settings, not the paper's 1.0: at 1.0 SmolLM2-135M rambles (29% of its answers cut off, 0.8% right
+on 32 training problems x 8), so 94% of the groups would have no reward spread and teach nothing;
+at 0.6 / 0.95 it is 7% cut off and 5.5% right (the README's table). The entropies the arms see are
+of that tempered policy.
   cpu  2 seeds x 2 arms x 8 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves off
-       1 and the clip acts); 10 held-out problems x n = 32. Measured: 49 minutes on 2 cores
+       1 and the clip acts); 10 held-out problems x n = 32. Measured: 56 minutes on 2 cores
        (2026-11-28; minutes.json has each stage). Too short for plain GRPO's reward to level off: it
        is the CPU-sized run of the same experiment, not a test of the paper's claim.
   gpu  3 seeds x 2 arms x 12 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
@@ -96,7 +100,7 @@ HELP = f"""usage: python experiment.py [--size cpu|gpu] [--seeds K] [--arms plai
                           [any train.py Config field as --name value]
 
   --size   cpu (default): 2 seeds x 2 arms, 8 steps of 4 x 8 answers, 10 held-out problems, n = 32;
-           measured at 49 minutes on 2 CPU cores.
+           measured at 56 minutes on 2 CPU cores.
            gpu: 3 seeds x 2 arms, 12 steps of 32 x 8 answers, 48 held-out problems, n = 256;
            estimated at about 9 minutes on one H100 (not measured: see the README).
   --seeds  seeds per arm (--seed, --seed + 1, ...)
