@@ -147,11 +147,12 @@ def pick_next_token(logits, temperature, top_p, top_k, generator):
     # Inverse-CDF sampling: one uniform number u per row, and the first token whose running sum of
     # probabilities reaches u. (torch.multinomial draws a random number for every vocabulary entry,
     # which on a CPU costs more than the rest of the sampling step together: 12 ms a step for
-    # 16 x 49152.) The running sum is kept in float32: each entry is rounded once (on a CPU torch
-    # adds in float64 inside), so a token's chance is off by at most ~1e-7, and the whole draw by at
-    # most 3e-4 in total variation (measured on random 49k-vocabulary logits). A float64 sum was
-    # exact, but its (N, V) copies of 8-byte numbers made a CPU decode step 5% slower (bench row 1).
-    cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
+    # 16 x 49152.) The running sum is in float64 so that the tail's tiny probabilities keep their
+    # digits, and so that logits that differ only in their last bits (the CUDA-graph path and the
+    # eager one) draw the same tokens. A float32 sum rounds each of the V boundaries by up to 6e-8:
+    # it made a CPU decode step 5% faster (fewer bytes), but the two paths then parted in 1 of 216
+    # draws of tests/test_rollout.py's comparison, so it was taken back (README, Speed).
+    cdf = logits.softmax(-1).double().cumsum(-1)  # (N, V)
     u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)  # (N, 1) in (0, 1]
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # u * total: the sum is 1 up to rounding
 
