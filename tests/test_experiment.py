@@ -113,7 +113,6 @@ def test_the_mean_agrees_with_a_recount_of_the_samples(done):
 
 
 def test_arms_of_a_seed_differ_only_in_alpha_and_share_their_first_rollouts(done):
-    with_spread = []  # seeds whose first step has a group with a reward spread (so tokens with A != 0)
     for s in (0, 1):
         plain = json.load(open(done / f"seed{s}" / "plain" / "checkpoint" / "train_config.json"))
         entropy = json.load(open(done / f"seed{s}" / "entropy" / "checkpoint" / "train_config.json"))
@@ -122,14 +121,11 @@ def test_arms_of_a_seed_differ_only_in_alpha_and_share_their_first_rollouts(done
         first = [json.loads(open(done / f"seed{s}" / arm / "metrics.jsonl").readline()) for arm in ("plain", "entropy")]
         for key in ("reward", "entropy", "length", "zero_spread_groups"):  # same problems, same sampling seed, same weights
             assert first[0][key] == first[1][key], (s, key)
-        if first[0]["zero_spread_groups"] < 1:  # (else no token has A != 0 and psi/|A| is not logged)
-            assert first[0]["psi_ratio"] == 0 and first[1]["psi_ratio"] > 0
-            with_spread.append(s)
-    assert with_spread  # the tiny model's luck: seed 1 gets 1 of 32 right in step 1
+        assert first[0]["psi_ratio"] == 0 and first[1]["psi_ratio"] > 0
     seeds = [json.loads(open(done / f"seed{s}" / "plain" / "metrics.jsonl").readline()) for s in (0, 1)]
     assert (seeds[0]["entropy"], seeds[0]["length"]) != (seeds[1]["entropy"], seeds[1]["length"])  # ... and seeds differ
-    # the term changes the update: the final models of a seed with a reward spread differ
-    weights = [load_file(str(done / f"seed{with_spread[0]}" / arm / "checkpoint" / "model.safetensors")) for arm in ("plain", "entropy")]
+    # the term changes the update: the final models differ
+    weights = [load_file(str(done / "seed0" / arm / "checkpoint" / "model.safetensors")) for arm in ("plain", "entropy")]
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
