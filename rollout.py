@@ -144,17 +144,43 @@ def pick_next_token(logits, temperature, top_p, top_k, generator):
         drop = probs.cumsum(-1) - probs > top_p  # mass strictly before this token already >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    # Inverse-CDF sampling: one uniform number u per row, and the first token whose running sum of
-    # probabilities reaches u. (torch.multinomial draws a random number for every vocabulary entry,
-    # which on a CPU costs more than the rest of the sampling step together: 12 ms a step for
-    # 16 x 49152.) The running sum is in float64 so that the tail's tiny probabilities keep their
-    # digits, and so that logits that differ only in their last bits (the CUDA-graph path and the
-    # eager one) draw the same tokens. A float32 sum rounds each of the V boundaries by up to 6e-8:
-    # it made a CPU decode step 5% faster (fewer bytes), but the two paths then parted in 1 of 216
-    # draws of tests/test_rollout.py's comparison, so it was taken back (README, Speed).
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (N, V)
-    u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)  # (N, 1) in (0, 1]
-    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # u * total: the sum is 1 up to rounding
+    return inverse_cdf_draw(logits.softmax(-1), generator)
+
+
+def inverse_cdf_draw(probs, generator, block=256):
+    """(N, V) probabilities -> (N,) token ids: one uniform number u per row, and the first token whose
+    running sum of probabilities reaches u * (the row's total).
+
+    Why not torch.multinomial: it draws a random number for every vocabulary entry, which on a CPU
+    costs more than the rest of the sampling step together (12 ms a step for 16 x 49152).
+    Why float64: the tail's tiny probabilities keep their digits, and logits that differ only in
+    their last bits (the CUDA-graph path and the eager one) draw the same tokens. A float32 running
+    sum rounds each of the V boundaries by up to 6e-8, and the two paths then parted in 1 of 216
+    draws of tests/test_rollout.py's comparison (README, Speed).
+    Why two stages: a float64 running sum over all V entries makes (N, V) tensors of 8-byte numbers,
+    15 MB a step at 16 rows, and the allocator handed that memory back to the kernel and took it
+    again every step (thousands of page faults a step on a CPU). So we first pick a block of `block`
+    tokens by the running sum of the blocks' float64 masses, then the token inside that block by the
+    running sum of its own probabilities: the same boundaries, in float64, for (N, V / block) + (N, block)
+    numbers. It draws the token a full running sum would, except when u falls within float64
+    rounding (1e-16) of a boundary.
+    """
+    N, V = probs.shape
+    if V % block:  # pad with zero-probability entries, which are never drawn
+        probs = torch.nn.functional.pad(probs, (0, block - V % block))
+    blocks = probs.view(N, -1, block)  # (N, K, block), K = number of blocks
+    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (N, K)
+    u = 1 - torch.rand(N, 1, generator=generator, dtype=torch.float64, device=probs.device)  # (N, 1) in (0, 1]
+    target = u * block_cdf[:, -1:]  # (N, 1): u * total, since the sum is 1 only up to rounding
+    b = torch.searchsorted(block_cdf, target).clamp(max=block_cdf.shape[1] - 1)  # (N, 1): first block reaching it
+    # (block b has positive mass: the previous boundary lies strictly below target)
+    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), 0.0)  # (N, 1): mass of blocks 0..b-1
+    inside = blocks.gather(1, b.unsqueeze(-1).expand(N, 1, block)).squeeze(1)  # (N, block)
+    inner_cdf = inside.cumsum(-1, dtype=torch.float64)  # (N, block)
+    # rest is in (0, block b's mass]; the min guards the last bit, where the two sums of block b may
+    # round apart, and lands on the block's last token of positive probability
+    rest = torch.minimum(target - before, inner_cdf[:, -1:])  # (N, 1)
+    return (b * block + torch.searchsorted(inner_cdf, rest)).squeeze(-1)  # (N,)
 
 
 # -----------------------------------------------------------------------------------------------
