@@ -81,7 +81,9 @@ def model_from_hf(hf_model) -> Transformer:
     """Build ours from an instantiated transformers model (Qwen2/Qwen3/Llama ForCausalLM).
 
     Parameter names match, so this is one load_state_dict; `assign=True` takes the tensors
-    themselves instead of copying them, so a 1.5B model is not held twice in memory.
+    themselves instead of copying them, so a 1.5B model is not held twice in memory. On a CPU in
+    float32 the projection weights are then copied once into the layout that decodes faster there
+    (Transformer.column_major_weights_): until the caller drops hf_model, those are held twice.
     """
     cfg = config_from_hf(hf_model.config)
     with torch.device("meta"):
@@ -92,6 +94,9 @@ def model_from_hf(hf_model) -> Transformer:
     model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:  # assign=True replaced the embedding: re-tie the head to it
         model.lm_head.weight = model.model.embed_tokens.weight
+    w = next(hf_model.parameters())
+    if w.device.type == "cpu" and w.dtype == torch.float32:
+        model.column_major_weights_()  # faster decoding there (see there); it copies the projections
     hf_dict = hf_model.config.to_dict()
     hf_dict.pop("quantization_config", None)  # a GGUF-loaded config says "quantized"; our weights are not
     model.hf_config = hf_dict
@@ -184,7 +189,7 @@ def load_model(source: str = DEFAULT_MODEL, device=None, dtype=None):
             f"unknown model '{source}': use '{DEFAULT_MODEL}', a hub id like Qwen/Qwen2.5-0.5B-Instruct, "
             "a local model folder, or a .gguf file"
         )
-    model = model_from_hf(hf_model).to(device=device, dtype=dtype).eval()
+    model = model_from_hf(hf_model.to(device=device, dtype=dtype)).eval()  # moved first: the weight layout is chosen by device
     del hf_model
     return model, tokenizer
 

@@ -69,7 +69,7 @@ def test_training_gradients_equal_transformers(toy):
     """score_responses (padding skipped, chunked logits, recomputed norms and SwiGLU) + the loss gives
     the same gradients as transformers' model with full logits: the two steps row 4 times."""
     hf, _, _ = toy
-    ours = model_from_hf(hf)  # shares the weights; separate .grad
+    ours = model_from_hf(hf)  # the same weights (projections copied column-major); separate .grad
     rollout = bench.random_rollout(5, 7, 9, ours.config.vocab_size, torch.device("cpu"))
     ours.train(), hf.train()
     ours_step, hf_step = bench.training_steps(ours, hf, rollout)

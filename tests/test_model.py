@@ -20,6 +20,28 @@ def test_logits_match_transformers(family):
     assert diff <= 1e-4, diff
 
 
+
+def test_column_major_weights_change_only_the_memory_order():
+    """model_from_hf stores the projections column-major on a CPU: the same numbers and state_dict,
+    the same logits as the row-major model (up to the products' rounding), and gradients that
+    land in the same layout as their weights (so AdamW's updates stay elementwise)."""
+    hf = tiny_hf_model("qwen2")
+    ours = model_from_hf(hf)
+    q = ours.model.layers[0].self_attn.q_proj.weight
+    assert q.stride() == (1, q.shape[0]) and ours.lm_head.weight.is_contiguous()
+    hf_state = hf.state_dict()
+    for name, w in ours.state_dict().items():
+        assert torch.equal(w, hf_state[name]), name
+    row_major = model_from_hf(hf)
+    for m in row_major.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = m.weight.data.contiguous()
+    x = torch.randint(0, 101, (3, 21))
+    (ours(x).sum() + row_major(x).sum()).backward()
+    assert q.grad.stride() == q.stride()
+    for (name, a), b in zip(ours.named_parameters(), row_major.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
 def test_family_flags():
     assert config_from_hf(tiny_hf_model("qwen2").config).qkv_bias
     assert config_from_hf(tiny_hf_model("qwen3").config).qk_norm
