@@ -278,13 +278,15 @@ class Transformer(nn.Module):
         Same values, shapes, names and state_dict; only the order of the numbers in memory changes
         (GPT-2's checkpoints store their projections this way). Why: a decode step multiplies a few
         rows (N, D) by every weight once, and on a CPU the matrix-product kernel is faster when the
-        weight lies in memory as the (in, out) matrix that x @ W reads: 35 against 38 ms for a SmolLM2 step's projections at 16 rows, and
-        a 128-token call of bench row 1 took 9.15 s against 9.5 s. A training step measured the same
-        either way (16.0 s against 16.0 s, bench row 4a's rollout). In bfloat16 the kernel prefers
-        the usual layout (41 against 39.5 ms), and GPUs are not measured, so load.model_from_hf applies
-        it to float32 weights on a CPU only. (Under bfloat16 autocast, which train.py picks on CPUs
-        fast at it, the cast copies keep this layout: not measured there.) The LM head is left alone: no difference at its shape,
-        and a tied head is the embedding, whose rows are looked up by token.
+        weight lies in memory as the (in, out) matrix that x @ W reads: 35 against 38 ms for a
+        SmolLM2 step's projections at 16 rows, and 9.15 s against 9.5 s for a 128-token call of
+        bench row 1. Its cost to a training step is not settled: the products alone, forward and
+        backward, were 2-3% slower, and whole steps differed by less than this CPU's noise (README,
+        Speed). In bfloat16 the kernel prefers the usual layout (39.5 against 41 ms), and GPUs are not
+        measured, so load.model_from_hf applies it to float32 weights on a CPU only. (Under bfloat16
+        autocast, which train.py picks on CPUs fast at it, the cast copies keep this layout: not
+        measured there.) The LM head is left alone: no difference at its shape, and a tied head is
+        the embedding, whose rows are looked up by token.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear) and m is not self.lm_head:

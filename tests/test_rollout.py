@@ -7,7 +7,7 @@ from conftest import tiny_hf_model
 import decode
 from load import model_from_hf
 from model import KVCache
-from rollout import format_prompt, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
+from rollout import format_prompt, inverse_cdf_draw, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
 
 QUESTIONS = ["What is 7 * 8?", "A farmer has 12 cows and buys 35 more, then sells 4. How many cows are left?", "2+2?"]
 
@@ -89,6 +89,22 @@ def test_top_k_1_equals_greedy(smollm2, prompts):
     greedy = sample(model, tok, prompts[:2], max_new_tokens=12, temperature=0)
     topk1 = sample(model, tok, prompts[:2], max_new_tokens=12, temperature=1.0, top_k=1, seed=3)
     assert torch.equal(greedy.response_ids, topk1.response_ids)
+
+
+@pytest.mark.parametrize("V", [49152, 1000, 257, 256, 7])
+def test_two_stage_draw_equals_one_full_running_sum(V):
+    """inverse_cdf_draw (a block by its mass, then a token inside it) picks the token a single float64
+    running sum over the whole vocabulary picks for the same uniform numbers, never one of
+    probability 0, whatever V is modulo the block size."""
+    torch.manual_seed(V)
+    logits = torch.randn(3000, V) * 4
+    logits[:, ::3] = float("-inf")  # zero-probability entries, as top-p and top-k leave them
+    probs = logits.softmax(-1)  # (N, V)
+    drawn = inverse_cdf_draw(probs, torch.Generator().manual_seed(1))
+    cdf = probs.double().cumsum(-1)  # (N, V): the reference, one running sum
+    u = 1 - torch.rand(3000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # the same numbers
+    assert torch.equal(drawn, torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1))
+    assert (probs.gather(1, drawn[:, None]) > 0).all()
 
 
 def test_top_p_keeps_only_the_nucleus():
