@@ -273,20 +273,17 @@ class Transformer(nn.Module):
         self.hf_config = None  # the transformers config dict we came from; written back on save
 
     def column_major_weights_(self):
-        """Store each projection's (out, in) weight as the transpose of a contiguous (in, out) matrix.
+        """Store each projection's (out, in) weight as the transpose of a contiguous (in, out) matrix:
+        same values, shapes and state_dict, another order in memory (GPT-2's checkpoints use it).
 
-        Same values, shapes, names and state_dict; only the order of the numbers in memory changes
-        (GPT-2's checkpoints store their projections this way). Why: a decode step multiplies a few
-        rows (N, D) by every weight once, and on a CPU the matrix-product kernel is faster when the
-        weight lies in memory as the (in, out) matrix that x @ W reads: 35 against 38 ms for a
-        SmolLM2 step's projections at 16 rows, and 9.15 s against 9.5 s for a 128-token call of
-        bench row 1. Its cost to a training step is not settled: the products alone, forward and
-        backward, were 2-3% slower, and whole steps differed by less than this CPU's noise (README,
-        Speed). In bfloat16 the kernel prefers the usual layout (39.5 against 41 ms), and GPUs are not
-        measured, so load.model_from_hf applies it to float32 weights on a CPU only. (Under bfloat16
-        autocast, which train.py picks on CPUs fast at it, the cast copies keep this layout: not
-        measured there.) The LM head is left alone: no difference at its shape, and a tied head is
-        the embedding, whose rows are looked up by token.
+        Why: a decode step multiplies a few rows (N, D) by every weight once, and a CPU's matrix-product
+        kernel is faster when the weight lies in memory as the (in, out) matrix that x @ W reads: 35
+        against 38 ms for a SmolLM2 step's projections at 16 rows, 9.15 against 9.5 s for a call of
+        bench row 1. Its cost to training is not settled (products 2-3% slower, whole steps within
+        this CPU's noise: README, Speed). In bfloat16 the usual layout is faster (39.5 against 41 ms)
+        and GPUs are not measured, so load.model_from_hf applies it to float32 on a CPU only (under
+        CPU bfloat16 autocast the cast copies keep it: not measured). The LM head is left alone: no
+        difference at its shape, and a tied head is the embedding, looked up by rows.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear) and m is not self.lm_head:
