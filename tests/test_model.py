@@ -20,7 +20,6 @@ def test_logits_match_transformers(family):
     assert diff <= 1e-4, diff
 
 
-
 def test_column_major_weights_change_only_the_memory_order():
     """model_from_hf stores the projections column-major on a CPU: the same numbers and state_dict,
     the same logits as the row-major model (up to the products' rounding), and gradients that
@@ -41,6 +40,7 @@ def test_column_major_weights_change_only_the_memory_order():
     assert q.grad.stride() == q.stride()
     for (name, a), b in zip(ours.named_parameters(), row_major.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
 
 def test_family_flags():
     assert config_from_hf(tiny_hf_model("qwen2").config).qkv_bias
