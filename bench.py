@@ -157,14 +157,14 @@ def smollm2():
 
 
 def text_prompts(n, length, tokenizer, seed=0):
-    """n prompts of about `length` tokens (4 fewer each, so that left padding is exercised)."""
+    """n prompts of about `length` tokens (0, 4, 8 or 12 fewer, in turn, so that left padding is exercised)."""
     words = ("the farmer sells eggs at the market for three dollars a dozen and buys seed with "
              "half of what he earns how many dollars does he keep after two weeks of sales").split()
     g = torch.Generator().manual_seed(seed)
     prompts = []
     for i in range(n):
         text = ""
-        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < length - 4 * i:
+        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < length - 4 * (i % 4):
             text += words[int(torch.randint(len(words), (1,), generator=g))] + " "
         prompts.append(text)
     return prompts

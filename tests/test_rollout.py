@@ -279,14 +279,18 @@ def test_cuda_graph_under_autocast_follows_the_weights():
     qs = [format_prompt(tok, q) for q in QUESTIONS]
     kw = dict(group_size=4, max_new_tokens=16, temperature=0.0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        sample(model, tok, qs, cuda_graph=True, **kw)  # records the graph
+        before = sample(model, tok, qs, cuda_graph=True, **kw)  # records the graph
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # as an optimiser step would, in place (and visibly)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         graph = sample(model, tok, qs, cuda_graph=True, **kw)
         eager = sample(model, tok, qs, cuda_graph=False, **kw)
-    assert torch.equal(graph.response_ids, eager.response_ids)
-    assert torch.allclose(graph.logprobs, eager.logprobs, atol=1e-3)
+    assert not torch.equal(graph.response_ids, before.response_ids)  # the change is visible...
+    assert torch.equal(graph.response_ids, eager.response_ids)  # ...and the graph decodes with it
+    # bfloat16 logits: the graph attends over a bucketed cache, eager over the exact one, so sums
+    # round apart by a few units of bfloat16's last place (2**-7 near 1; 0.008 seen on an H200).
+    # Stale weights would be off by whole nats.
+    assert torch.allclose(graph.logprobs, eager.logprobs, atol=5e-2)
 
 
 def test_a_models_graphs_go_with_the_model():
