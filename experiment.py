@@ -54,11 +54,10 @@ of that tempered policy.
        training reward (0.08-0.14 by block of 8 steps) while its entropy fell by a third (README): it
        is the CPU-sized run of the same experiment, not a test of the paper's claim.
   gpu  3 seeds x 2 arms x 12 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
-       x n = 256. Estimated, not measured (no GPU was lent): on an H200 a decode step replayed as a
-       CUDA graph takes 6-12 ms, so a 192-token rollout takes 1.2-2.3 s and a step with its scoring
-       forward and 4 updates ~4 s: 6 runs x 12 x 4 s = 4.8 min, plus ~15 s per run to load and record
-       graphs (1.5 min); evaluation 7 models x 6 calls of 8 x 256 rows x 192 steps at ~20 ms = 2.7 min.
-       In all about 9 minutes, uncertain by a few minutes either way.
+       x n = 256. About 10.4 minutes on an H200, from the stages of a one-seed run (2026-11-28,
+       README): evaluating the start 1.3 min, training a run 0.8-1.0 min (12 steps of ~2.1 s),
+       evaluating a trained model 0.6 min; not yet run whole. Plain GRPO's training reward was still
+       rising at step 12 there (0.06 to 0.42).
 """
 
 import dataclasses
@@ -103,7 +102,7 @@ HELP = f"""usage: python experiment.py [--size cpu|gpu] [--seeds K] [--arms plai
   --size   cpu (default): 2 seeds x 2 arms, 8 steps of 4 x 8 answers, 10 held-out problems, n = 32;
            measured at 56 minutes on 2 CPU cores.
            gpu: 3 seeds x 2 arms, 12 steps of 32 x 8 answers, 48 held-out problems, n = 256;
-           estimated at about 9 minutes on one H100 (not measured: see the README).
+           about 10.4 minutes on an H200 from a one-seed run's stages (not yet run whole: see the README).
   --seeds  seeds per arm (--seed, --seed + 1, ...)
   --arms   comma-separated, from: {", ".join(ARMS)} (plain must be one: differences are against it)
   --n      samples per held-out problem (Pass@K for K = 1..n)
