@@ -12,7 +12,8 @@ busy machine slows both alike, and we report medians. The absolute numbers depen
 the ratio is the result. The table is printed and written as JSON (--out).
 
     1   sampler vs transformers' generate: 2 prompts x 8 samples, 128 new tokens, EOS ignored;
-        1b: the same with both models in bfloat16
+        1b: the same with both models in bfloat16; 1c: the same at temperature 0.6 and top-p 0.95,
+        the evaluation's settings (rollout.nucleus_draw)
     2   shared prefill (each prompt once, its KV cache copied to its G rows) vs per-row prefill
     3   KV cache vs recomputing the whole sequence every step, at 64 and at 256 new tokens
     4   training step (our forward at response positions, chunked logits, GRPO loss, backward) vs
@@ -375,15 +376,17 @@ def training_steps(ours, hf, rollout):
 # The rows
 
 
-def row_sampler(row, hf, model, tok, n_prompts, G, prompt_len, new, repeats, target, device):
-    """Row 1 (and 5a): tokens per second of sample(), decoding eagerly, and of generate() on the same rows."""
+def row_sampler(row, hf, model, tok, n_prompts, G, prompt_len, new, repeats, target, device, temperature=1.0, top_p=1.0):
+    """Row 1 (and 1c, 5a): tokens per second of sample(), decoding eagerly, and of generate() on the same rows."""
     prompts = text_prompts(n_prompts, prompt_len, tok)
-    ours = lambda k: lambda: sample(model, tok, prompts, group_size=G, max_new_tokens=k, ignore_eos=True, cuda_graph=False)  # noqa: E731
-    base = lambda k: hf_generate(hf, tok, prompts, G, k)  # noqa: E731
+    ours = lambda k: lambda: sample(model, tok, prompts, group_size=G, max_new_tokens=k, ignore_eos=True, cuda_graph=False,  # noqa: E731
+                                    temperature=temperature, top_p=top_p)
+    base = lambda k: hf_generate(hf, tok, prompts, G, k, temperature=temperature, top_p=top_p)  # noqa: E731
     ours(4)(), base(4)()  # warm-up on a few tokens
     t_ours, t_base = compare_times(ours(new), base(new), repeats, device)
     n_tokens = n_prompts * G * new
-    what = f"sampler vs generate, {str(model.dtype)[6:]}: {n_prompts} prompts of ~{prompt_len} tokens x {G}, {new} new tokens (tok/s)"
+    settings = "" if top_p == 1 else f", temperature {temperature}, top-p {top_p}"
+    what = f"sampler vs generate, {str(model.dtype)[6:]}{settings}: {n_prompts} prompts of ~{prompt_len} tokens x {G}, {new} new tokens (tok/s)"
     return result(row, what, n_tokens / t_ours, n_tokens / t_base, "tok/s", target), t_base
 
 
@@ -653,6 +656,9 @@ def main(argv=None):
         rows += progress([row_sampler("1b", hf16, model_from_hf(hf16).eval(), tok, S["r1_prompts"], S["r1_group"],
                                       S["r1_prompt_len"], S["r1_new"], S["r1_repeats"], ">= 1.5x", device)[0]], start)
         del hf16
+        # 1c: row 1 at the evaluation's settings (evaluate.py, the experiment): the top-p choice
+        rows += progress([row_sampler("1c", hf, model, tok, S["r1_prompts"], S["r1_group"], S["r1_prompt_len"], S["r1_new"],
+                                      S["r1_repeats"], ">= 1.5x", device, temperature=0.6, top_p=0.95)[0]], start)
         rows += progress([row_shared_prefill(model, tok, S, device)], start)
         rows += progress(row_kv_cache(model, tok, S, device), start)
         rows += progress(row_training("4a", "4b", hf, model, S["r4_rows"], S["r4_prompt_len"], S["r4_response_len"],

@@ -116,6 +116,45 @@ def test_top_p_keeps_only_the_nucleus():
     assert set(pick_next_token(logits, 1.0, 1.0, 2, g).tolist()) == {0, 1}  # top-k 2
 
 
+def _reference_nucleus(logits, temperature, top_p):
+    """(N, V) -> (N, V) bool: the top-p set by brute force, one row at a time in plain Python."""
+    keep = torch.zeros(logits.shape, dtype=torch.bool)
+    for i, row in enumerate((logits.double() / temperature).softmax(-1)):
+        mass = 0.0
+        for v in row.argsort(descending=True).tolist():
+            keep[i, v] = True
+            mass += row[v].item()
+            if mass > top_p:
+                break
+    return keep
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: the set fits the CPU's window; flat: it does not
+def test_nucleus_window_draws_what_the_full_sort_draws(monkeypatch, scale):
+    """On a CPU nucleus_draw first looks at the 64 most likely tokens (rollout.TOP_P_WINDOW): it must
+    draw exactly the tokens the full sort draws for the same random numbers, only from the top-p set,
+    and with the set's renormalised probabilities."""
+    import rollout
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5000) * scale  # (N, V)
+    ref = _reference_nucleus(logits, 0.7, 0.9)
+    assert (ref.sum(-1) <= 64).all() if scale > 1 else (ref.sum(-1) > 64).all()
+    rows = logits.repeat(1000, 1)  # (4000, V): each of the 4 rows 1000 times
+    windowed = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(rollout, "TOP_P_WINDOW", {})  # no window: always the full sort
+    sorted_all = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3))
+    assert torch.equal(windowed, sorted_all)
+    drawn = windowed.view(1000, 4)  # (draws, rows)
+    for i in range(4):
+        assert ref[i, drawn[:, i]].all()  # never a token outside the set
+        if scale > 1:  # a few tokens each: their frequencies against the renormalised probabilities
+            p = (logits[i].double() / 0.7).softmax(-1) * ref[i]
+            p = p / p.sum()
+            freq = torch.bincount(drawn[:, i], minlength=5000).double() / 1000
+            assert (freq - p).abs().max().item() < 0.05  # 1000 draws: 4.5 standard errors at p = 0.5
+
+
 def test_seed_repeats_exactly_and_groups_share_their_prompt(smollm2, prompts):
     model, tok = smollm2
     a = sample(model, tok, prompts[:2], group_size=4, max_new_tokens=10, seed=7)
