@@ -76,7 +76,7 @@ from cli import check_context
 from entropy_view import entropy_stats, sample_answers
 from evaluate import EvalSettings, cuda_graph_option, default_ks, evaluate, load_summary
 from flags import parse_args
-from load import load_model
+from load import DEFAULT_MODEL, load_model, save_pretrained
 from report import DRAWS, PANELS, bootstrap, differs, per_problem_pass_at_k, per_step, plot_passk, plot_training, tables, verdict
 from runs import choose_precision, held_out_problems
 from train import Config
@@ -193,6 +193,25 @@ def run_config(plan: Plan, arm: str, seed: int) -> Config:
 # Stage 1: training (train.py does all the work; we only decide between skip, resume and start)
 
 
+def start_model(base: Config) -> str:
+    """Where the runs and the start's evaluation load the starting model: for a GGUF file (the built-in
+    SmolLM2 is one) a folder in OUT, made once, since transformers parses a GGUF in about 20 s at every
+    load and a folder in 0.5 s, and the experiment loads the start 1 + seeds x arms times."""
+    if base.model != DEFAULT_MODEL and not base.model.endswith(".gguf"):
+        return base.model
+    folder = os.path.join(base.out_dir, "start_model", os.path.basename(base.model).removesuffix(".gguf"))  # (no .gguf: a folder)
+    stamp = os.path.join(folder, "made_from.json")
+    made_from = json.load(open(stamp))["model"] if os.path.isfile(stamp) else None
+    if made_from not in (None, base.model):
+        raise ValueError(f"{folder} was made from {made_from}: pass another --out_dir, or --model {made_from}")
+    if made_from:
+        return folder
+    save_pretrained(*load_model(base.model, device="cpu", dtype=torch.float32), folder)
+    with open(stamp, "w") as f:  # written last: a folder without it was cut short and is made again
+        json.dump({"model": base.model}, f)
+    return folder
+
+
 def train_stage(cfg: Config):
     """Train one run unless it finished already; resume it from its checkpoint if it was interrupted.
     With --overwrite true, train it afresh whatever the folder holds (train.py clears it)."""
@@ -296,9 +315,11 @@ def run_all(plan: Plan):
     name = base.algo.upper()
     labels = {"plain": f"{name} (alpha 0)", "entropy": f"{name} + entropy advantage (alpha {base.alpha:g})",
               "entreg": f"{name} + entropy regularisation (coef {base.entropy_coef:g})"}
+    start_label = f"{os.path.basename(os.path.normpath(base.model))} (start)"
+    plan = dataclasses.replace(plan, base=dataclasses.replace(base, model=timed(out, "start model", lambda: start_model(base))))
+    base = plan.base
     runs = {(arm, s): run_config(plan, arm, s) for s in plan.seeds for arm in plan.arms}
     precision, results = {}, {}
-    start_label = f"{os.path.basename(os.path.normpath(base.model))} (start)"
     evals = [("start", None, base.model, os.path.join(out, "eval_start"))]
     evals += [(arm, s, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(out, f"seed{s}", f"eval_{arm}")) for (arm, s), cfg in runs.items()]
 

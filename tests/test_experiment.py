@@ -160,6 +160,22 @@ def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny
     assert evaluated == [str(out / "seed1" / "eval_entropy")]
 
 
+def test_a_gguf_start_becomes_a_folder_once(tiny_folder, tmp_path, monkeypatch):
+    """A GGUF start is parsed once (about 20 s for SmolLM2's) into a folder in OUT, which every run
+    and evaluation then loads; a folder made from another file of the same name is refused."""
+    parsed, real_load = [], experiment.load_model
+    monkeypatch.setattr(experiment, "load_model", lambda source, **kw: parsed.append(source) or real_load(tiny_folder, **kw))
+    cfg = train.Config(model="/models/start.gguf", out_dir=str(tmp_path))
+    folder = experiment.start_model(cfg)
+    assert folder == str(tmp_path / "start_model" / "start") and parsed == ["/models/start.gguf"]
+    made, tiny = real_load(folder, device="cpu")[0].state_dict(), real_load(tiny_folder, device="cpu")[0].state_dict()
+    assert made.keys() == tiny.keys() and all(torch.equal(made[k], tiny[k]) for k in made)
+    assert experiment.start_model(cfg) == folder and len(parsed) == 1  # made once
+    with pytest.raises(ValueError, match="was made from /models/start.gguf: pass another --out_dir"):
+        experiment.start_model(train.Config(model="/elsewhere/start.gguf", out_dir=str(tmp_path)))
+    assert experiment.start_model(train.Config(model=tiny_folder, out_dir=str(tmp_path))) == tiny_folder  # a folder stays
+
+
 def test_other_training_settings_are_refused_and_other_eval_settings_redo_the_evaluation(done, tiny_folder, tmp_path,
                                                                                        monkeypatch):
     with pytest.raises(ValueError, match=r"plain was trained with other settings \(max_new_tokens: 6 there, 7 now\)"):
