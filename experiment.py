@@ -21,7 +21,8 @@ identical across arms, and the policies part from there. Seeds are --seed, --see
 
 Stages; each is skipped when its output exists, so after an interruption the same command goes on
 (--overwrite true retrains every run instead):
-  1. train each seed's arms into OUT/seed<s>/<arm> (a Ctrl-C saves a checkpoint; the rerun resumes it)
+  1. train each seed's arms into OUT/seed<s>/<arm>, from OUT/start_model/ when --model is a GGUF file
+     (parsed once: start_model); a Ctrl-C saves a checkpoint, and the rerun resumes it
   2. evaluate the starting model once (OUT/eval_start) and every final checkpoint
      (OUT/seed<s>/eval_<arm>): n samples per held-out problem at the paper's settings (temperature
      0.6, top-p 0.95). All models answer the same problems; the runs of one seed share its sampling
