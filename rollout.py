@@ -166,11 +166,10 @@ def nucleus_draw(logits, temperature, top_p, generator):
     z = logits.float() / temperature  # (N, V)
     lse = z.logsumexp(-1, keepdim=True)  # (N, 1): the full softmax's normaliser
     window = min(TOP_P_WINDOW.get(z.device.type, V), V)
-    top, order = z.topk(window, dim=-1) if window < V else z.sort(dim=-1, descending=True)  # (N, W) each
-    probs = (top - lse).exp()  # (N, W): probabilities, most likely first
-    if window < V and not (probs.sum(-1) > top_p).all():  # some row's set is larger than the window
+    top, order = z.topk(window, dim=-1) if window < V else (None, None)  # (N, W) each, most likely first
+    if top is None or not ((top - lse).exp().sum(-1) > top_p).all():  # no window, or a row's set is larger
         top, order = z.sort(dim=-1, descending=True)  # (N, V)
-        probs = (top - lse).exp()
+    probs = (top - lse).exp()  # probabilities, most likely first
     probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # mass before it already > top_p: out
     return order.gather(-1, inverse_cdf_draw(probs, generator)[:, None]).squeeze(-1)  # (N,)
 
