@@ -14,6 +14,8 @@ import time
 import weakref
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from model import KVCache
 
@@ -63,6 +65,7 @@ class EagerDecoder:
 #     training steps and evaluation batches of the same bucket replay the same graph.
 GRAPH_LENGTH_STEP = 256
 _GRAPHS = weakref.WeakKeyDictionary()  # model -> {(rows, length, dtype): DecodeGraph}; gone with the model
+_WEIGHT_COPIES = weakref.WeakKeyDictionary()  # model -> {dtype: {name: weight}}: see cast_weights
 CHECK_STOP_EVERY = {"cpu": 1, "cuda": 8}  # decode steps between "have all rows stopped?" checks (see sample)
 
 
@@ -87,15 +90,16 @@ class DecodeGraph:
         device = model.device
         self.cache = KVCache(model.config, rows, length, device=device, dtype=dtype, static=True)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (rows, 1): the graph's input
+        self.model = weakref.ref(model)  # (weak: _GRAPHS must not keep the model it is keyed by alive)
+        self.weights = cast_weights(model)  # {} unless under autocast: see cast_weights
         self.record_seconds = 0.0
-        if not record:  # (a weak reference: _GRAPHS must not keep the model it is keyed by alive)
-            self.graph, self.model = None, weakref.ref(model)
+        self.graph = None
+        if not record:
             return
         t0 = time.perf_counter()
-        # Under autocast, recording must not use autocast's cache of bfloat16 weight copies: that
+        # Under autocast the graph must not use autocast's cache of bfloat16 weight copies: that
         # cache is freed when the `with` block ends, and the graph would go on reading freed memory
-        # (and never see the optimiser's updates). Without it the graph casts the float32 weights
-        # each replay: about 1 ms for 0.5B parameters on an H100, and always the current weights.
+        # (and never see the optimiser's updates). It reads self.weights instead (see cast_weights).
         amp = torch.is_autocast_enabled("cuda")
         amp_ctx = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False)
         # One eager step first, on a side stream: libraries set themselves up lazily on first use,
@@ -104,13 +108,18 @@ class DecodeGraph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), amp_ctx:
-            model(self.tokens, cache=self.cache)
+            self._forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), amp_ctx:
-            self.logits = model(self.tokens, cache=self.cache)[:, -1]  # recorded, not run: (rows, V)
+            self.logits = self._forward()  # recorded, not run: (rows, V)
         torch.cuda.synchronize()
         self.record_seconds = time.perf_counter() - t0
+
+    def _forward(self):
+        """One decode step of every row over the static cache: (rows, V) logits. The model's own
+        parameters, except the projections' weights when self.weights holds cast copies of them."""
+        return functional_call(self.model(), self.weights, (self.tokens,), {"cache": self.cache}, tie_weights=False)[:, -1]
 
     def load(self, prompt_cache: KVCache, group_size: int):
         """Row i*G+g of the static cache gets prompt i's keys, values and mask; every other slot is
@@ -125,15 +134,45 @@ class DecodeGraph:
         self.cache.position.fill_(P)
         self.cache.length = P
         self.tokens.zero_()  # spare rows decode token 0 over an empty (all masked) prompt
+        cast_weights(self.model())  # this call's weights into self.weights: the optimiser changed them since
 
     def step(self, tokens: torch.Tensor, done=None) -> torch.Tensor:
         """tokens (N,) -> logits (N, V). Every row is computed: `done` is there to match EagerDecoder."""
         N = tokens.shape[0]
         self.tokens[:N, 0].copy_(tokens)
         if self.graph is None:
-            return self.model()(self.tokens, cache=self.cache)[:N, -1]
+            return self._forward()[:N]
         self.graph.replay()
         return self.logits[:N]  # (N, V), a view of the graph's output buffer
+
+
+def cast_weights(model) -> dict:
+    """Under autocast: {name: each projection's weight and bias in the autocast dtype}, cast from the
+    model's weights now, for the graph to multiply with. Without autocast: {} (the graph reads the
+    model's own parameters).
+
+    Why: under autocast every projection casts its float32 weight to bfloat16 before multiplying,
+    at every step: for Qwen2.5-0.5B that is 241 cast kernels and 3 GB of memory traffic per step,
+    three times what the multiplications read (with the norms' single casts, model.RMSNorm, a step
+    went from 1,286 operations to 777: tests/test_rollout.py counts the casts). The weights change only between sample calls (the
+    optimiser steps between rollouts), so DecodeGraph.load casts them once per call instead: the
+    same bfloat16 numbers. Embedding and norms stay float32, as under autocast. One set of copies
+    per model and dtype, shared by all its graphs (each graph reads them at fixed addresses).
+    """
+    device = model.device.type
+    if not torch.is_autocast_enabled(device):
+        return {}
+    dtype = torch.get_autocast_dtype(device)
+    per_dtype = _WEIGHT_COPIES.setdefault(model, {})
+    if dtype not in per_dtype:
+        per_dtype[dtype] = {f"{name}.{p_name}": torch.empty_like(p, dtype=dtype)  # (strides kept: see column_major_weights_)
+                            for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                            for p_name, p in m.named_parameters(recurse=False)}
+    copies = per_dtype[dtype]
+    with torch.no_grad():
+        for name, w in copies.items():
+            w.copy_(model.get_parameter(name))
+    return copies
 
 
 def decode_graph(model, n_rows: int, length: int, dtype) -> DecodeGraph:

@@ -20,6 +20,20 @@ def test_logits_match_transformers(family):
     assert diff <= 1e-4, diff
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers_under_autocast(family):
+    """Under bfloat16 autocast (train.py's mode where the processor is fast at it) our norms hand the
+    projections bfloat16 themselves, one cast for q, k and v together, where transformers lets each
+    projection cast its own copy: the numbers must not change. Bit for bit here, while autocast
+    itself moves the logits by ~3e-3 from float32 (so a cast in the wrong place would show)."""
+    hf = tiny_hf_model(family)
+    ours = model_from_hf(hf).eval()
+    x = torch.randint(0, 101, (3, 21))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        diff = (hf(x).logits.float() - ours(x)).abs().max().item()
+    assert diff <= 1e-6, diff
+
+
 def test_column_major_weights_change_only_the_memory_order():
     """model_from_hf stores the projections column-major on a CPU: the same numbers and state_dict,
     the same logits as the row-major model (up to the products' rounding), and gradients that

@@ -273,6 +273,58 @@ def test_one_graph_per_bucket_is_reused_across_calls(prompts):
     assert decode.graph_stats(model)["cuda_graphs"] == 2
 
 
+def test_static_path_under_autocast_casts_the_weights_once_per_call(prompts):
+    """Under autocast the static path multiplies with bfloat16 copies of the projections, cast once
+    per sample call (decode.cast_weights), not at every step: the same tokens as eager decoding
+    under autocast, and after an in-place change of the weights (an optimiser step) the next call
+    decodes with the new ones (copies cast once and never refreshed would not)."""
+    model = model_from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
+    tok = _char_tok()
+    kw = dict(group_size=4, max_new_tokens=12, temperature=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = sample(model, tok, ["7*8=?", "1+1"], cuda_graph=True, **kw)
+    copies = decode._WEIGHT_COPIES[model][torch.bfloat16]
+    assert copies["lm_head.weight"].dtype == torch.bfloat16 and len(copies) == 1 + 7 * model.config.n_layers
+    with torch.no_grad():
+        for layer in model.model.layers:  # in place, as an optimiser step does (and visibly)
+            layer.mlp.down_proj.weight.mul_(8.0)
+    # a new autocast block, as train.py opens for each rollout: autocast's own cache of casts
+    # (which eager decoding and every prefill use) lives as long as its block
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        static = sample(model, tok, ["7*8=?", "1+1"], cuda_graph=True, **kw)
+        eager = sample(model, tok, ["7*8=?", "1+1"], cuda_graph=False, **kw)
+    assert torch.equal(static.response_ids, eager.response_ids)
+    # bfloat16 sums over another cache length: apart by a few units of the last place; the change
+    # of weights moved the log-probs by whole tenths (stale copies would keep them where they were)
+    assert torch.allclose(static.logprobs, eager.logprobs, atol=1e-2)
+    assert (static.logprobs - before.logprobs).abs().max() > 0.1
+
+
+def test_a_decode_step_under_autocast_casts_no_weights():
+    """What a CUDA graph records under autocast (autocast's cache off): every op of one decode step,
+    counted on a CPU. The weights come cast already (cast_weights) and each norm hands its
+    projections one bfloat16 copy, so the casts left per layer are the two norms' and the rotated
+    q and k: 4, where casting each weight and each projection's input made it 14 (17 with biases)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.casts += func.overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
+    model = model_from_hf(tiny_hf_model("qwen2", vocab_size=len(_char_tok()))).eval()  # with q, k, v biases
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        prompt = KVCache(model.config, 2, 5, dtype=torch.bfloat16)
+        model(torch.randint(0, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long), cache=prompt)
+        graph = decode.DecodeGraph(model, 2, 256, torch.bfloat16, record=False)
+        graph.load(prompt, 1)
+        with CountCasts() as counter:
+            graph.step(torch.zeros(2, dtype=torch.long))
+    assert counter.casts == 4 * model.config.n_layers + 3, counter.casts  # + positions, final norm, logits
+
+
 def _char_tok():
     from conftest import char_tokenizer
 
