@@ -3,7 +3,7 @@ bench.py -- how fast and how lean our sampler and training step are, against `tr
 
     python bench.py                  # CPU: SmolLM2-135M, rows 1-4 and 8 (under 15 minutes on 2 cores)
     python bench.py --quick          # rows 1-4, 6, 7 and 8 at toy sizes on a tiny random model (about a minute)
-    python bench.py --device cuda    # rows 5-7: SmolLM2 and Qwen2.5-0.5B shapes with random weights, bfloat16
+    python bench.py --device cuda    # rows 5-7: SmolLM2 and Qwen2.5-0.5B shapes, random weights, bfloat16
     python bench.py --device cuda --quick    # rows 5-7 at toy sizes: a smoke test before the real run
 
 Every row runs two things in one process, on the same weights and the same batch: ours, and the
@@ -25,7 +25,9 @@ the ratio is the result. The table is printed and written as JSON (--out).
     6   a whole GRPO step of train.py (rollout, reward, advantages, update with --micro_batch auto)
         against the obvious loop built from transformers: generate, then a forward and backward with
         the same loss in micro-batches of 32 rows; 32 prompts x 8 samples x 256 new tokens, on the
-        SmolLM2-135M (6a) and Qwen2.5-0.5B (6b) architectures. GPU rows; --quick runs them on toys.
+        SmolLM2-135M (6a) and Qwen2.5-0.5B (6b) architectures, both in train.py's precision (float32
+        weights under the autocast it picks: bfloat16 on GPUs from the A100 on). GPU rows; --quick
+        runs them on toys.
     7   evaluate() (16 problems x 64 samples x 128 new tokens, graded) against generate() on the same
         rows, graded the same way. A GPU row; --quick runs it on a toy.
     8   an evaluation's sampling (2 arith:3 problems x 32 answers, up to 192 tokens, stopping at the
@@ -56,6 +58,7 @@ from evaluate import check_device
 from load import _hf_load, _smollm2_gguf, model_from_hf
 from model import response_outputs
 from rollout import Rollout, logprobs_and_entropy, pick_next_token, sample, score_responses
+from runs import choose_precision
 
 # -----------------------------------------------------------------------------------------------
 # Sizes of the full run and of the toy run (--quick), all in one place
@@ -481,20 +484,27 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
     actor = Learner(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), torch.amp.GradScaler(enabled=False))
     plan = MicroBatchPlan(cfg, device, [actor])
 
+    # train.py's precision: float32 weights under the autocast it picks (bfloat16 on these GPUs); the
+    # baseline runs under the same
+    precision = choose_precision(device.type, "auto")
+
     def ours():  # train.py's loop body: rollout -> reward -> advantages (+ the paper's term inside update) -> update
         model.eval()
-        rollout = sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=cfg.temperature)
+        with precision.autocast():
+            rollout = sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=cfg.temperature)
         rewards = pseudo_rewards(rollout.texts, device)
         model.train()
         adv, _ = train.compute_advantages(cfg, rollout, rewards)
-        update(cfg, actor, None, rollout, Targets(adv), plan)
+        with precision.autocast():
+            update(cfg, actor, None, rollout, Targets(adv), plan)
 
     generate = hf_generate(hf, tok, prompts, G, new, keep=True)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)
 
     def base():  # generate, grade, the group z-score, then forward and backward with the same loss
         hf.eval()
-        ids, attn = generate()  # (N, P + new): the prompts (left-padded) and the responses
+        with precision.autocast():
+            ids, attn = generate()  # (N, P + new): the prompts (left-padded) and the responses
         P = ids.shape[1] - new
         texts = tok.batch_decode(ids[:, P:], skip_special_tokens=True)
         adv = group_advantages(pseudo_rewards(texts, device), G)[:, None].expand(-1, new)  # (N, R)
@@ -504,7 +514,8 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
             part = slice(m, m + 32)
             rows = SimpleNamespace(prompt_ids=ids[part, :P], prompt_mask=attn[part, :P],  # generate's rows, cut
                                    response_ids=ids[part, P:], response_mask=attn[part, P:])  # where the prompt ends
-            logp = response_outputs(hf_log_probs(hf), rows).gather(-1, ids[part, P:, None]).squeeze(-1)  # (rows, R)
+            with precision.autocast():
+                logp = response_outputs(hf_log_probs(hf), rows).gather(-1, ids[part, P:, None]).squeeze(-1)  # (rows, R)
             policy_loss(logp, logp.detach(), adv[part], mask[part], num_tokens=mask.sum())[0].backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -671,15 +682,16 @@ def main(argv=None):
         # Both architectures at once (a few GB on the card). The rows with targets come first, the
         # eager sampler (5a, 5b, informative) last, so that a run cut short still has what matters.
         (hf, model), tok = random_qwen(device, torch.bfloat16, **(TOY if args.quick else {})), byte_tokenizer()
-        hf_s, model_s = random_model(smollm2_config(**(TOY if args.quick else {})), device, torch.bfloat16)
         name = "Qwen2.5-0.5B architecture (random weights)" if not args.quick else "toy Qwen2 (random weights)"
         print(f"{name}, bfloat16, {torch.cuda.get_device_name()}\n")
         model.set_recompute(False)  # what --recompute auto picks when a mini-batch fits (it does here)
         rows += progress(row_training("5c", "5d", hf, model, S["r5_train_rows"], S["r5_prompt_len"], S["r5_new"],
                                       S["r5_repeats"], device), start)
         rows += progress([row_evaluate(hf, model, tok, S, device)], start)
-        rows += progress([row_grpo_step("6b", hf, model, tok, S, device, "Qwen2.5-0.5B shape")], start)
-        rows += progress([row_grpo_step("6a", hf_s, model_s, tok, S, device, "SmolLM2-135M shape")], start)
+        for row, config, what in [("6b", qwen25_05b_config, "Qwen2.5-0.5B shape"), ("6a", smollm2_config, "SmolLM2-135M shape")]:
+            hf6, model6 = random_model(config(**(TOY if args.quick else {})), device, torch.float32)  # as train.py loads
+            rows += progress([row_grpo_step(row, hf6, model6, tok, S, device, what)], start)
+            del hf6, model6
         row, t_generate = row_sampler("5a", hf, model, tok, S["r5_prompts"], S["r5_group"], S["r5_prompt_len"], S["r5_new"],
                                       S["r5_repeats"], ">= 2.0x", device)
         rows += progress([row], start)
