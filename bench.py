@@ -312,7 +312,7 @@ def sample_without_cache(model, prompt_ids, prompt_mask, new_tokens, temperature
     tokens = []
     for _ in range(new_tokens):
         logits = model.lm_head(model.hidden_states(ids, mask)[:, -1]).float()  # (N, V)
-        token = pick_next_token(logits, temperature, 1.0, 0, generator)  # (N,)
+        token, _ = pick_next_token(logits, temperature, 1.0, 0, generator)  # (N,)
         logprobs_and_entropy(logits, token, temperature)
         tokens.append(token)
         ids = torch.cat([ids, token[:, None]], 1)

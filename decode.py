@@ -33,7 +33,12 @@ COMPACT_WHEN = 0.75  # drop the stopped rows once at most this share of the batc
 
 
 class EagerDecoder:
-    """step(token (N,), done (N,)) -> logits (N, V), computing only the rows not done."""
+    """step(token (N,), done (N,)) -> logits (N, V), computing only the rows not done.
+
+    Dropping rows asks the device how many are still decoding, so the host waits for it every step
+    anyway: sample's rounds are one step long here (check_every), and never need undoing."""
+
+    check_every = 1
 
     def __init__(self, model, cache: KVCache, logits: torch.Tensor):
         self.model, self.cache = model, cache
@@ -47,6 +52,12 @@ class EagerDecoder:
             self.cache, self.rows = self.cache.take_rows(keep), self.rows[keep]
         out = self.model(token[self.rows, None], cache=self.cache)[:, -1]  # (n, V)
         return self.logits.index_copy_(0, self.rows, out.float())
+
+    def mark(self):
+        return None  # (rounds of one step hold no decode step to undo)
+
+    def rewind(self, mark):
+        pass
 
 
 # -----------------------------------------------------------------------------------------------
@@ -66,7 +77,7 @@ class EagerDecoder:
 GRAPH_LENGTH_STEP = 256
 _GRAPHS = weakref.WeakKeyDictionary()  # model -> {(rows, length, dtype): DecodeGraph}; gone with the model
 _WEIGHT_COPIES = weakref.WeakKeyDictionary()  # model -> {dtype: {name: weight}}: see cast_weights
-CHECK_STOP_EVERY = {"cpu": 1, "cuda": 8}  # decode steps between "have all rows stopped?" checks (see sample)
+CHECK_STOP_EVERY = {"cpu": 1, "cuda": 8}  # decode steps in one of sample's rounds, between two looks at the device
 
 
 def graph_bucket(n_rows: int, length: int) -> tuple:
@@ -81,9 +92,10 @@ def graph_bucket(n_rows: int, length: int) -> tuple:
 class DecodeGraph:
     """One decode step of `rows` rows over a static cache of `length` slots, recorded as a CUDA graph.
 
-    load() puts a prefilled prompt cache in (each prompt's keys and values copied to its G rows),
-    step() replays the graph: tokens (N,) -> logits (N, V). record=False runs the same step eagerly
-    on the same static cache: what the tests compare on a CPU, where graphs do not exist.
+    load() puts a prefilled prompt cache in (each prompt's keys and values copied to its G rows);
+    calling it replays the graph: tokens (N,) -> logits (N, V). record=False runs the same step
+    eagerly on the same static cache: what the tests compare on a CPU, where graphs do not exist.
+    mark() and rewind() let sample() decode a round of steps again (see rollout.sample).
     """
 
     def __init__(self, model, rows: int, length: int, dtype, record: bool = True):
@@ -136,7 +148,7 @@ class DecodeGraph:
         self.tokens.zero_()  # spare rows decode token 0 over an empty (all masked) prompt
         cast_weights(self.model())  # this call's weights into self.weights: the optimiser changed them since
 
-    def step(self, tokens: torch.Tensor, done=None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, done=None) -> torch.Tensor:
         """tokens (N,) -> logits (N, V). Every row is computed: `done` is there to match EagerDecoder."""
         N = tokens.shape[0]
         self.tokens[:N, 0].copy_(tokens)
@@ -144,6 +156,21 @@ class DecodeGraph:
             return self._forward()[:N]
         self.graph.replay()
         return self.logits[:N]  # (N, V), a view of the graph's output buffer
+
+    @property
+    def check_every(self) -> int:
+        return CHECK_STOP_EVERY.get(self.tokens.device.type, 1)
+
+    def mark(self) -> torch.Tensor:
+        """Where decoding stands: the next free slot, (1,) on the device (read without waiting for it)."""
+        return self.cache.position.clone()
+
+    def rewind(self, mark: torch.Tensor):
+        """Back to a mark: the slots written since are masked out again and the next slot is the
+        marked one (their keys and values stay, unread, until the steps decoded again overwrite them)."""
+        slots = torch.arange(self.cache.mask.shape[1], device=mark.device)  # (L,)
+        self.cache.mask.masked_fill_(slots >= mark, False)
+        self.cache.position.copy_(mark)
 
 
 def cast_weights(model) -> dict:

@@ -21,12 +21,13 @@ distribution it was drawn from (the paper's H_t), both in nats at the sampling t
     r.texts, r.entropies, r.response_mask
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from decode import CHECK_STOP_EVERY, EagerDecoder, decode_graph
+from decode import EagerDecoder, decode_graph
 from model import KVCache, response_outputs
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -128,50 +129,54 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     return zeros.masked_scatter(real, torch.cat(logps)), zeros.masked_scatter(real, torch.cat(ents))  # (N, R) each
 
 
-def pick_next_token(logits, temperature, top_p, top_k, generator):
-    """(N, V) logits -> (N,) sampled token ids. temperature 0 = greedy (argmax)."""
+def pick_next_token(logits, temperature, top_p, top_k, generator, window=None):
+    """(N, V) logits -> (N,) sampled token ids, and (N,) bool or None: whether each row's top-p set
+    fitted in `window` (see nucleus_draw; None: no window was used). temperature 0 = greedy (argmax)."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return logits.argmax(-1), None
     if top_k > 0:  # keep the k most likely tokens
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        return nucleus_draw(logits, temperature, top_p, generator)
+        return nucleus_draw(logits, temperature, top_p, generator, window)
     logits = logits.float()
     if temperature != 1:
         logits = logits / temperature
-    return inverse_cdf_draw(logits.softmax(-1), generator)
+    return inverse_cdf_draw(logits.softmax(-1), generator), None
 
 
-# How many of the most likely tokens nucleus_draw looks at before it sorts the whole vocabulary;
-# a device not named here always sorts (see nucleus_draw for why a GPU does).
-TOP_P_WINDOW = {"cpu": 64}
+# How many of the most likely tokens sample() lets nucleus_draw look at first (see there).
+TOP_P_WINDOW = 64
 
 
-def nucleus_draw(logits, temperature, top_p, generator):
+def nucleus_draw(logits, temperature, top_p, generator, window=None):
     """Top-p: draw from the smallest set of most likely tokens whose probability reaches top_p.
+    Returns (N,) token ids and (N,) bool: did each row's set fit in the window (None without one).
 
     The tokens are put in order of probability, most likely first; those after the set (the mass
     before them already exceeds top_p) get probability 0; the draw runs over that order, and the
     token id is looked up at the end.
-    Why a window: sorting the whole vocabulary is the slow part. On a CPU it took 35 ms a step for
-    16 x 49152, as long as the model's forward. But the set is small: at temperature 0.6 SmolLM2's
-    was 2 tokens at the median and 33 at most over 1,821 answer tokens. So on a CPU we take the 64
-    most likely (topk, 1.7 ms) and sort everything only when some row's set does not fit in them.
-    Both ways give the same probabilities, in the same order, so the same token for the same random
-    number. On a GPU, asking "does every row fit?" would make the host wait for the device every
-    token (see sample): there we always sort.
+    Why a window: sorting the whole vocabulary is the slow part: 35 ms a step for 16 x 49152 on a
+    CPU, as long as the model's forward; 11 ms for 1,024 x 151,936 on an H200, longer than the
+    forward. But the set is small: at temperature 0.6 SmolLM2's was 2 tokens at the median and 33
+    at most over 1,821 answer tokens. So with a window we take only the `window` most likely tokens
+    (topk: 1.7 ms on that CPU). A row whose set fits draws exactly what the full sort would draw
+    for the same random number (same probabilities, same order); a row whose set does not fit
+    draws from the window alone, which is wrong, and says so in `fits`: sample() then draws that
+    step again without a window, with the same random numbers (it looks at `fits` when it next
+    asks the device anything, so a GPU never waits for it mid-round).
     """
     V = logits.shape[-1]
     z = logits.float() / temperature  # (N, V)
     lse = z.logsumexp(-1, keepdim=True)  # (N, 1): the full softmax's normaliser
-    window = min(TOP_P_WINDOW.get(z.device.type, V), V)
-    top, order = z.topk(window, dim=-1) if window < V else (None, None)  # (N, W) each, most likely first
-    if top is None or not ((top - lse).exp().sum(-1) > top_p).all():  # no window, or a row's set is larger
+    if window is not None and window < V:
+        top, order = z.topk(window, dim=-1)  # (N, W) each, most likely first
+    else:
         top, order = z.sort(dim=-1, descending=True)  # (N, V)
     probs = (top - lse).exp()  # probabilities, most likely first
+    fits = probs.sum(-1) > top_p if top.shape[-1] < V else None  # (N,): the set closes inside the window
     probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # mass before it already > top_p: out
-    return order.gather(-1, inverse_cdf_draw(probs, generator)[:, None]).squeeze(-1)  # (N,)
+    return order.gather(-1, inverse_cdf_draw(probs, generator)[:, None]).squeeze(-1), fits  # (N,), (N,)
 
 
 def inverse_cdf_draw(probs, generator, block=256):
@@ -262,29 +267,54 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     # 2) prefill each prompt once, and 3) give its KV cache to its G sample rows
     logits, step = _prefill(model, prompt_ids, prompt_mask, group_size, max_new_tokens, cuda_graph)  # (N, V)
 
-    # 4) decode: one token per step for all rows, until every row has stopped
-    tokens, logps, ents = [], [], []
+    # 4) decode, in rounds of a few steps: within a round the host queues the steps without waiting
+    #    for the device; at its end it asks two things at once: have all rows stopped, and did every
+    #    row's top-p set fit the window (see nucleus_draw)? If one did not, the round is decoded
+    #    again from its start without the window, with the same random numbers. (A CPU's rounds are
+    #    one step long: asking costs it nothing, and a step it did not need would.)
+    record = ([], [], [])  # per step: tokens, log-probs, entropies, each (N,)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    check_every = CHECK_STOP_EVERY.get(device.type, 1)
-    for t in range(max_new_tokens):
-        # The record is of the full softmax, the same one training's forward recomputes; only the
-        # choice leaves out the padded vocabulary rows, by looking at a view without them.
-        token = pick_next_token(logits[:, :n_real_vocab], temperature, top_p, top_k, generator)  # (N,)
-        logp, ent = logprobs_and_entropy(logits, token, temperature)  # (N,), (N,)
-        token = token.masked_fill(done, pad_id)  # rows that already stopped only emit padding
-        tokens.append(token)
-        logps.append(logp.masked_fill(done, 0.0))
-        ents.append(ent.masked_fill(done, 0.0))
-        done = done | torch.isin(token, stop_ids)
-        # "Have all rows stopped?" makes the host wait for the device. On a GPU we ask every few
-        # steps and let the host queue the steps in between (the extra steps only emit padding, cut
-        # off in step 5); on a CPU the answer is free and a wasted step is not.
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and done.all()):
+    draw = lambda logits, window: pick_next_token(logits[:, :n_real_vocab], temperature, top_p, top_k, generator, window)  # noqa: E731
+    decode_round = functools.partial(_decode_round, step, record, draw, temperature, pad_id, stop_ids)
+    while True:
+        k = min(step.check_every, max_new_tokens - len(record[0]))  # steps in this round
+        start = (logits.clone() if k > 1 else logits, done, generator.get_state(), step.mark())  # (k > 1: steps overwrite logits)
+        logits, done, fits = decode_round(logits, done, k, TOP_P_WINDOW)
+        finished, spilled = torch.stack([done.all(), ~fits.all()]).tolist()  # the host waits here, once a round
+        if spilled:
+            logits, done, rng, mark = start
+            generator.set_state(rng)
+            step.rewind(mark)
+            for column in record:
+                del column[-k:]
+            logits, done, _ = decode_round(logits, done, k, None)  # no window: the full sort
+            finished = bool(done.all())
+        if finished or len(record[0]) == max_new_tokens:
             break
-        logits = step(token, done)  # (N, V)
+        logits = step(record[0][-1], done)  # (N, V): the next round's first logits
 
     # 5) pack the record that training consumes
-    return _pack(tokenizer, prompt_ids, prompt_mask, (tokens, logps, ents), stop_ids, group_size)
+    return _pack(tokenizer, prompt_ids, prompt_mask, record, stop_ids, group_size)
+
+
+def _decode_round(step, record, draw, temperature, pad_id, stop_ids, logits, done, k, window):
+    """k decode steps from `logits` (N, V), appended to `record`; the host never waits on the device.
+    Returns the last step's logits, `done` (N,) and `fits` (N,): every row's top-p set fitted the window."""
+    fits = torch.ones_like(done)
+    for j in range(k):
+        if j:
+            logits = step(record[0][-1], done)  # (N, V)
+        token, fit = draw(logits, window)  # (N,)
+        # The record is of the full softmax, the same one training's forward recomputes; only the
+        # choice leaves out the padded vocabulary rows, by looking at a view without them.
+        logp, ent = logprobs_and_entropy(logits, token, temperature)  # (N,), (N,)
+        if fit is not None:
+            fits = fits & (fit | done)  # a row that stopped earlier emits padding whatever it drew
+        token = token.masked_fill(done, pad_id)  # rows that already stopped only emit padding
+        for column, x in zip(record, (token, logp.masked_fill(done, 0.0), ent.masked_fill(done, 0.0))):
+            column.append(x)
+        done = done | torch.isin(token, stop_ids)
+    return logits, done, fits
 
 
 def _left_pad(tokenizer, prompts, pad_id, device):
@@ -316,7 +346,7 @@ def _prefill(model, prompt_ids, prompt_mask, group_size, max_new_tokens, cuda_gr
     if cuda_graph:  # into a graph's static cache (DecodeGraph.load copies each prompt to its G rows)
         graph = decode_graph(model, N, P + max_new_tokens, cache_dtype)
         graph.load(cache, G)
-        return logits, graph.step
+        return logits, graph
     rows = torch.arange(B, device=device).repeat_interleave(G)  # (N,): the prompt of each sample row
     return logits, EagerDecoder(model, cache.take_rows(rows), logits)  # a G-fold copy, then eager steps over it
 

@@ -96,11 +96,11 @@ def test_score_responses_chunks_do_not_change_the_result(toy):
 def test_inverse_cdf_sampling_follows_the_probabilities():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     g = torch.Generator().manual_seed(0)
-    tokens = pick_next_token(probs.log().repeat(100_000, 1), 1.0, 1.0, 0, g)
+    tokens, _ = pick_next_token(probs.log().repeat(100_000, 1), 1.0, 1.0, 0, g)
     freq = torch.bincount(tokens, minlength=5) / len(tokens)
     assert (freq - probs).abs().max() < 0.006  # 4 sigma of a 100k-sample frequency
     assert freq[4] == 0  # a token of probability 0 never comes up
-    hot = pick_next_token(torch.tensor([[0.0, 2.0, 1.0]]).repeat(20_000, 1), 0.5, 1.0, 0, g)  # temperature 0.5
+    hot, _ = pick_next_token(torch.tensor([[0.0, 2.0, 1.0]]).repeat(20_000, 1), 0.5, 1.0, 0, g)  # temperature 0.5
     expect = torch.softmax(torch.tensor([0.0, 2.0, 1.0]) / 0.5, -1)
     assert (torch.bincount(hot, minlength=3) / len(hot) - expect).abs().max() < 0.015
 

@@ -110,10 +110,10 @@ def test_two_stage_draw_equals_one_full_running_sum(V):
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(pick_next_token(logits, 1.0, 0.75, 0, g).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75
-    assert set(pick_next_token(logits, 1.0, 0.4, 0, g).tolist()) == {0}
-    assert set(pick_next_token(logits, 1.0, 1.0, 0, g).tolist()) == {0, 1, 2, 3}
-    assert set(pick_next_token(logits, 1.0, 1.0, 2, g).tolist()) == {0, 1}  # top-k 2
+    assert set(pick_next_token(logits, 1.0, 0.75, 0, g)[0].tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75
+    assert set(pick_next_token(logits, 1.0, 0.4, 0, g)[0].tolist()) == {0}
+    assert set(pick_next_token(logits, 1.0, 1.0, 0, g)[0].tolist()) == {0, 1, 2, 3}
+    assert set(pick_next_token(logits, 1.0, 1.0, 2, g)[0].tolist()) == {0, 1}  # top-k 2
 
 
 def _reference_nucleus(logits, temperature, top_p):
@@ -129,11 +129,12 @@ def _reference_nucleus(logits, temperature, top_p):
     return keep
 
 
-@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: the set fits the CPU's window; flat: it does not
-def test_nucleus_window_draws_what_the_full_sort_draws(monkeypatch, scale):
-    """On a CPU nucleus_draw first looks at the 64 most likely tokens (rollout.TOP_P_WINDOW): it must
-    draw exactly the tokens the full sort draws for the same random numbers, only from the top-p set,
-    and with the set's renormalised probabilities."""
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: the set fits the window; flat: it does not
+def test_nucleus_window_draws_what_the_full_sort_draws(scale):
+    """With a window of the 64 most likely tokens (rollout.TOP_P_WINDOW), nucleus_draw must draw
+    exactly the tokens the full sort draws for the same random numbers where a row's top-p set fits
+    in it, say which rows' sets do not, and the full sort must draw only from the top-p set, with
+    the set's renormalised probabilities."""
     import rollout
 
     torch.manual_seed(0)
@@ -141,11 +142,12 @@ def test_nucleus_window_draws_what_the_full_sort_draws(monkeypatch, scale):
     ref = _reference_nucleus(logits, 0.7, 0.9)
     assert (ref.sum(-1) <= 64).all() if scale > 1 else (ref.sum(-1) > 64).all()
     rows = logits.repeat(1000, 1)  # (4000, V): each of the 4 rows 1000 times
-    windowed = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3))
-    monkeypatch.setattr(rollout, "TOP_P_WINDOW", {})  # no window: always the full sort
-    sorted_all = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3))
-    assert torch.equal(windowed, sorted_all)
-    drawn = windowed.view(1000, 4)  # (draws, rows)
+    windowed, fits = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3), window=64)
+    sorted_all, no_window = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3))
+    assert no_window is None and torch.equal(fits, (ref.sum(-1) <= 64).repeat(1000))
+    if scale > 1:
+        assert torch.equal(windowed, sorted_all)
+    drawn = sorted_all.view(1000, 4)  # (draws, rows)
     for i in range(4):
         assert ref[i, drawn[:, i]].all()  # never a token outside the set
         if scale > 1:  # a few tokens each: their frequencies against the renormalised probabilities
@@ -153,6 +155,30 @@ def test_nucleus_window_draws_what_the_full_sort_draws(monkeypatch, scale):
             p = p / p.sum()
             freq = torch.bincount(drawn[:, i], minlength=5000).double() / 1000
             assert (freq - p).abs().max().item() < 0.05  # 1000 draws: 4.5 standard errors at p = 0.5
+
+
+@pytest.mark.parametrize("window", [64, 2])  # 2: most steps' top-p sets spill out of the window
+def test_rounds_redone_where_a_set_spilled_give_the_one_step_answers(smollm2, prompts, monkeypatch, window):
+    """A GPU decodes in rounds of 8 steps and learns only at a round's end that some row's top-p set
+    did not fit the window; it then decodes the round again without it (rollout.sample). Forced on a
+    CPU's static path, that must give exactly what one-step rounds give (a CPU's way, checking at
+    once) and what the full sort alone gives: the same tokens, log-probs and entropies."""
+    import rollout
+
+    model, tok = smollm2
+    kw = dict(group_size=3, max_new_tokens=20, temperature=0.7, top_p=0.95, seed=5)
+    monkeypatch.setattr(rollout, "TOP_P_WINDOW", window)
+    at_once = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
+    monkeypatch.setattr(decode, "CHECK_STOP_EVERY", {"cpu": 8})
+    rewinds = []
+    monkeypatch.setattr(decode.DecodeGraph, "rewind", lambda self, mark, undo=decode.DecodeGraph.rewind: rewinds.append(undo(self, mark)))
+    rounds = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
+    assert len(rewinds) == (0 if window == 64 else 3)  # 20 steps: rounds of 8, 8 and 4, all redone with 2
+    monkeypatch.setattr(rollout, "TOP_P_WINDOW", None)
+    full_sort = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
+    for r in (rounds, full_sort):
+        assert torch.equal(r.response_ids, at_once.response_ids) and r.texts == at_once.texts
+        assert torch.equal(r.logprobs, at_once.logprobs) and torch.equal(r.entropies, at_once.entropies)
 
 
 def test_seed_repeats_exactly_and_groups_share_their_prompt(smollm2, prompts):
@@ -321,7 +347,7 @@ def test_a_decode_step_under_autocast_casts_no_weights():
         graph = decode.DecodeGraph(model, 2, 256, torch.bfloat16, record=False)
         graph.load(prompt, 1)
         with CountCasts() as counter:
-            graph.step(torch.zeros(2, dtype=torch.long))
+            graph(torch.zeros(2, dtype=torch.long))
     assert counter.casts == 4 * model.config.n_layers + 3, counter.casts  # + positions, final norm, logits
 
 
