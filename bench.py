@@ -476,27 +476,25 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
     """Row 6: one whole GRPO step of train.py against the obvious loop built from transformers."""
     import train
     from advantage import group_advantages
-    from update import Learner, MicroBatchPlan, Targets, update
+    from update import MicroBatchPlan, Targets, make_learners, update
 
     B, G, new = S["r6_prompts"], S["r6_group"], S["r6_new"]
     prompts = text_prompts(B, S["r6_prompt_len"], tok)
     cfg = train.resolve_defaults(train.Config(prompts_per_step=B, group_size=G, max_new_tokens=new, lr=1e-6))
-    actor = Learner(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), torch.amp.GradScaler(enabled=False))
-    plan = MicroBatchPlan(cfg, device, [actor])
-
-    # train.py's precision: float32 weights under the autocast it picks (bfloat16 on these GPUs); the
-    # baseline runs under the same
+    # train.py's precision and learner: float32 weights under the autocast it picks (bfloat16 on
+    # these GPUs), AdamW; the baseline runs under the same autocast
     precision = choose_precision(device.type, "auto")
+    actor, _ = make_learners(cfg, model, precision)
+    plan = MicroBatchPlan(cfg, device, [actor])
 
     def ours():  # train.py's loop body: rollout -> reward -> advantages (+ the paper's term inside update) -> update
         model.eval()
-        with precision.autocast():
+        with actor.amp():  # as train.roll_out
             rollout = sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=cfg.temperature)
         rewards = pseudo_rewards(rollout.texts, device)
         model.train()
         adv, _ = train.compute_advantages(cfg, rollout, rewards)
-        with precision.autocast():
-            update(cfg, actor, None, rollout, Targets(adv), plan)
+        update(cfg, actor, None, rollout, Targets(adv), plan)  # (its forwards under actor.amp, as in train.py)
 
     generate = hf_generate(hf, tok, prompts, G, new, keep=True)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)

@@ -180,11 +180,12 @@ def cast_weights(model) -> dict:
 
     Why: under autocast every projection casts its float32 weight to bfloat16 before multiplying,
     at every step: for Qwen2.5-0.5B that is 241 cast kernels and 3 GB of memory traffic per step,
-    three times what the multiplications read (with the norms' single casts, model.RMSNorm, a step
-    went from 1,286 operations to 777: tests/test_rollout.py counts the casts). The weights change only between sample calls (the
+    three times what the multiplications read. The weights change only between sample calls (the
     optimiser steps between rollouts), so DecodeGraph.load casts them once per call instead: the
     same bfloat16 numbers. Embedding and norms stay float32, as under autocast. One set of copies
     per model and dtype, shared by all its graphs (each graph reads them at fixed addresses).
+    With the norms' single casts (model.RMSNorm), a Qwen2.5-0.5B decode step went from 1,286
+    operations to 777 (README, Speed); tests/test_rollout.py counts the casts left.
     """
     device = model.device.type
     if not torch.is_autocast_enabled(device):
