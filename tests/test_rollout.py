@@ -170,8 +170,13 @@ def test_rounds_redone_where_a_set_spilled_give_the_one_step_answers(smollm2, pr
     monkeypatch.setattr(rollout, "TOP_P_WINDOW", window)
     at_once = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
     monkeypatch.setattr(decode, "CHECK_STOP_EVERY", {"cpu": 8})
-    rewinds = []
-    monkeypatch.setattr(decode.DecodeGraph, "rewind", lambda self, mark, undo=decode.DecodeGraph.rewind: rewinds.append(undo(self, mark)))
+    rewinds, rewind = [], decode.DecodeGraph.rewind
+
+    def counted_rewind(graph, mark):
+        rewinds.append(mark)
+        rewind(graph, mark)
+
+    monkeypatch.setattr(decode.DecodeGraph, "rewind", counted_rewind)
     rounds = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
     assert len(rewinds) == (0 if window == 64 else 3)  # 20 steps: rounds of 8, 8 and 4, all redone with 2
     monkeypatch.setattr(rollout, "TOP_P_WINDOW", None)
