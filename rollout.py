@@ -129,7 +129,7 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     return zeros.masked_scatter(real, torch.cat(logps)), zeros.masked_scatter(real, torch.cat(ents))  # (N, R) each
 
 
-def pick_next_token(logits, temperature, top_p, top_k, generator, window=None):
+def pick_next_token(logits, temperature, top_p, top_k, generator, window=None, spare_rows=0):
     """(N, V) logits -> (N,) sampled token ids, and (N,) bool or None: whether each row's top-p set
     fitted in `window` (see nucleus_draw; None: no window was used). temperature 0 = greedy (argmax)."""
     if temperature == 0:
@@ -138,18 +138,19 @@ def pick_next_token(logits, temperature, top_p, top_k, generator, window=None):
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        return nucleus_draw(logits, temperature, top_p, generator, window)
+        return nucleus_draw(logits, temperature, top_p, generator, window, spare_rows)
     logits = logits.float()
     if temperature != 1:
         logits = logits / temperature
     return inverse_cdf_draw(logits.softmax(-1), generator), None
 
 
-# How many of the most likely tokens sample() lets nucleus_draw look at first (see there).
-TOP_P_WINDOW = 64
+# How many of the most likely tokens sample() lets nucleus_draw look at first, and, in rounds of
+# several steps (a GPU's), how many rows it also sorts whole at every step (see nucleus_draw).
+TOP_P_WINDOW, TOP_P_SPARE_ROWS = 64, 16
 
 
-def nucleus_draw(logits, temperature, top_p, generator, window=None):
+def nucleus_draw(logits, temperature, top_p, generator, window=None, spare_rows=0):
     """Top-p: draw from the smallest set of most likely tokens whose probability reaches top_p.
     Returns (N,) token ids and (N,) bool: did each row's set fit in the window (None without one).
 
@@ -159,29 +160,44 @@ def nucleus_draw(logits, temperature, top_p, generator, window=None):
     Why a window: sorting the whole vocabulary is the slow part: 35 ms a step for 16 x 49152 on a
     CPU, as long as the model's forward; 11 ms for 1,024 x 151,936 on an H200, longer than the
     forward. But the set is small: at temperature 0.6 SmolLM2's was 2 tokens at the median and 33
-    at most over 1,821 answer tokens. So with a window we take only the `window` most likely tokens
-    (topk: 1.7 ms on that CPU). A row whose set fits draws exactly what the full sort would draw
-    for the same random number (same probabilities, same order); a row whose set does not fit
-    draws from the window alone, which is wrong, and says so in `fits`: sample() then draws that
-    step again without a window, with the same random numbers (it looks at `fits` when it next
-    asks the device anything, so a GPU never waits for it mid-round).
+    at most over 1,821 answer tokens. So we take the `window` most likely tokens (topk: 1.7 ms on
+    that CPU). A row whose set fits draws what the full sort would draw for the same random number
+    (same probabilities, same order); one whose set spills draws from the window alone, which is
+    wrong, and says so in `fits`: sample() then draws that step again with the full sort and the
+    same random numbers (it looks at `fits` when it next asks the device anything).
+    Why spare rows: on a GPU "again" means a whole round of steps for every row, and the more rows,
+    the likelier one spills. So the `spare_rows` rows the window covers least are sorted whole too
+    ((spare_rows, V): cheap): up to that many spilled rows a step still draw right.
     """
-    V = logits.shape[-1]
+    N, V = logits.shape
     z = logits.float() / temperature  # (N, V)
     lse = z.logsumexp(-1, keepdim=True)  # (N, 1): the full softmax's normaliser
-    if window is not None and window < V:
-        top, order = z.topk(window, dim=-1)  # (N, W) each, most likely first
-    else:
-        top, order = z.sort(dim=-1, descending=True)  # (N, V)
+    u = 1 - torch.rand(N, 1, generator=generator, dtype=torch.float64, device=z.device)  # (N, 1): each row's number
+    if window is None or window >= V:
+        return _draw_in_order(*z.sort(dim=-1, descending=True), lse, top_p, u), None
+    top, order = z.topk(window, dim=-1)  # (N, W) each, most likely first
+    token = _draw_in_order(top, order, lse, top_p, u)  # (N,)
+    mass = (top - lse).exp().sum(-1)  # (N,): the probability inside the window
+    fits = mass > top_p  # the set closes inside the window
+    if spare_rows:
+        rows = mass.topk(min(spare_rows, N), largest=False).indices  # (S,): the rows covered least
+        token = token.index_copy(0, rows, _draw_in_order(*z[rows].sort(dim=-1, descending=True), lse[rows], top_p, u[rows]))
+        fits = fits.index_fill(0, rows, True)
+    return token, fits
+
+
+def _draw_in_order(top, order, lse, top_p, u):
+    """(N,) tokens from each row's most likely logits / T, `top` (N, K), most likely first, with their
+    token ids `order` (N, K): tokens after the top-p set get probability 0; row i draws with u[i]."""
     probs = (top - lse).exp()  # probabilities, most likely first
-    fits = probs.sum(-1) > top_p if top.shape[-1] < V else None  # (N,): the set closes inside the window
     probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # mass before it already > top_p: out
-    return order.gather(-1, inverse_cdf_draw(probs, generator)[:, None]).squeeze(-1), fits  # (N,), (N,)
+    return order.gather(-1, inverse_cdf_draw(probs, u=u)[:, None]).squeeze(-1)  # (N,)
 
 
-def inverse_cdf_draw(probs, generator, block=256):
-    """(N, V) probabilities -> (N,) token ids: one uniform number u per row, and the first token whose
-    running sum of probabilities reaches u * (the row's total).
+def inverse_cdf_draw(probs, generator=None, block=256, u=None):
+    """(N, V) probabilities -> (N,) token ids: one uniform number u per row (drawn from `generator`
+    unless given, (N, 1) float64 in (0, 1]), and the first token whose running sum of probabilities
+    reaches u * (the row's total).
 
     Why not torch.multinomial: it draws a random number for every vocabulary entry, which on a CPU
     costs more than the rest of the sampling step together (12 ms a step for 16 x 49152).
@@ -202,7 +218,8 @@ def inverse_cdf_draw(probs, generator, block=256):
         probs = torch.nn.functional.pad(probs, (0, block - V % block))
     blocks = probs.view(N, -1, block)  # (N, K, block), K = number of blocks
     block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (N, K)
-    u = 1 - torch.rand(N, 1, generator=generator, dtype=torch.float64, device=probs.device)  # (N, 1) in (0, 1]
+    if u is None:
+        u = 1 - torch.rand(N, 1, generator=generator, dtype=torch.float64, device=probs.device)  # (N, 1) in (0, 1]
     target = u * block_cdf[:, -1:]  # (N, 1): u * total, since the sum is 1 only up to rounding
     b = torch.searchsorted(block_cdf, target).clamp(max=block_cdf.shape[1] - 1)  # (N, 1): first block reaching it
     # (block b has positive mass: the previous boundary lies strictly below target)
@@ -267,19 +284,20 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     # 2) prefill each prompt once, and 3) give its KV cache to its G sample rows
     logits, step = _prefill(model, prompt_ids, prompt_mask, group_size, max_new_tokens, cuda_graph)  # (N, V)
 
-    # 4) decode, in rounds of a few steps: within a round the host queues the steps without waiting
-    #    for the device; at its end it asks two things at once: have all rows stopped, and did every
-    #    row's top-p set fit the window (see nucleus_draw)? If one did not, the round is decoded
-    #    again from its start without the window, with the same random numbers. (A CPU's rounds are
-    #    one step long: asking costs it nothing, and a step it did not need would.)
+    # 4) decode in rounds: the host queues a round's steps without waiting for the device, then asks
+    #    once: have all rows stopped, did every row's top-p set fit the window (nucleus_draw)? If not,
+    #    the round runs again from its start with the full sort and the same random numbers. (A
+    #    CPU's rounds are one step: asking costs it nothing, and a step it did not need would.)
     record = ([], [], [])  # per step: tokens, log-probs, entropies, each (N,)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    draw = lambda logits, window: pick_next_token(logits[:, :n_real_vocab], temperature, top_p, top_k, generator, window)  # noqa: E731
+    spare = TOP_P_SPARE_ROWS if step.check_every > 1 else 0
+    draw = lambda logits, window: pick_next_token(logits[:, :n_real_vocab], temperature, top_p, top_k, generator, window, spare)  # noqa: E731
     decode_round = functools.partial(_decode_round, step, record, draw, temperature, pad_id, stop_ids)
+    window = TOP_P_WINDOW
     while True:
         k = min(step.check_every, max_new_tokens - len(record[0]))  # steps in this round
         start = (logits.clone() if k > 1 else logits, done, generator.get_state(), step.mark())  # (k > 1: steps overwrite logits)
-        logits, done, fits = decode_round(logits, done, k, TOP_P_WINDOW)
+        logits, done, fits = decode_round(logits, done, k, window)
         finished, spilled = torch.stack([done.all(), ~fits.all()]).tolist()  # the host waits here, once a round
         if spilled:
             logits, done, rng, mark = start
@@ -289,6 +307,7 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
                 del column[-k:]
             logits, done, _ = decode_round(logits, done, k, None)  # no window: the full sort
             finished = bool(done.all())
+            window = window if k == 1 else None  # sets this wide (random weights?) spill again: sort from now on
         if finished or len(record[0]) == max_new_tokens:
             break
         logits = step(record[0][-1], done)  # (N, V): the next round's first logits
