@@ -207,6 +207,124 @@ def test_rounds_redone_where_a_set_spilled_give_the_one_step_answers(smollm2, pr
         assert torch.equal(r.logprobs, at_once.logprobs) and torch.equal(r.entropies, at_once.entropies)
 
 
+def test_seed_repeats_exactly_and_groups_share_their_prompt(smollm2, prompts):
+    model, tok = smollm2
+    a = sample(model, tok, prompts[:2], group_size=4, max_new_tokens=10, seed=7)
+    b = sample(model, tok, prompts[:2], group_size=4, max_new_tokens=10, seed=7)
+    c = sample(model, tok, prompts[:2], group_size=4, max_new_tokens=10, seed=8)
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+    assert not torch.equal(a.response_ids, c.response_ids)
+    # rows i*G .. i*G+G-1 belong to prompt i; shared prefill = the same rows sampled from G copies
+    assert torch.equal(a.prompt_ids[:4], a.prompt_ids[:1].expand(4, -1))
+    copies = sample(model, tok, [prompts[0]] * 4 + [prompts[1]] * 4, group_size=1, max_new_tokens=10, seed=7)
+    assert torch.equal(a.response_ids, copies.response_ids)
+
+
+def test_stop_tokens_and_length_limit(smollm2, prompts):
+    model, tok = smollm2
+    stops = set(stop_token_ids(tok))
+    r = sample(model, tok, prompts, group_size=2, max_new_tokens=48, temperature=0.7, seed=0)
+    for i in range(len(r.texts)):
+        n = int(r.response_mask[i].sum())
+        if r.stopped[i]:
+            assert r.response_ids[i, n - 1].item() in stops  # the stop token is inside the mask
+            assert not set(r.response_ids[i, : n - 1].tolist()) & stops
+            assert (r.logprobs[i, n:] == 0).all() and (r.entropies[i, n:] == 0).all()
+        else:
+            assert n == 48
+    short = sample(model, tok, prompts[:1], max_new_tokens=3, temperature=0)
+    assert not short.stopped[0] and short.response_mask.sum().item() == 3
+
+
+def test_stopped_rows_leave_the_batch_without_changing_the_sample(smollm2, prompts, monkeypatch):
+    """EagerDecoder drops rows that have stopped; the rest must decode exactly as in the full batch."""
+    model, tok = smollm2
+    kw = dict(group_size=4, max_new_tokens=48, temperature=0.7, seed=0, cuda_graph=False)
+    calls = []
+    take_rows = KVCache.take_rows
+    monkeypatch.setattr(KVCache, "take_rows", lambda self, rows: calls.append(len(rows)) or take_rows(self, rows))
+    dropping = sample(model, tok, prompts, **kw)
+    assert len(calls) >= 2 and calls[-1] < calls[0]  # the G-fold copy, then at least one smaller batch
+    monkeypatch.setattr(decode, "COMPACT_WHEN", 0.0)  # never drop a row
+    full = sample(model, tok, prompts, **kw)
+    assert torch.equal(dropping.response_ids, full.response_ids) and dropping.texts == full.texts
+    assert torch.allclose(dropping.logprobs, full.logprobs, atol=1e-5)
+    assert torch.allclose(dropping.entropies, full.entropies, atol=1e-5)
+
+
+def test_padded_vocab_rows_are_never_sampled(smollm2):
+    """Qwen pads its embedding matrix past the tokenizer's vocabulary: those ids must never appear."""
+    _, tok = smollm2
+    V = len(tok) + 64
+    model = model_from_hf(tiny_hf_model("llama", vocab_size=V, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[len(tok) :] = 0
+        model.lm_head.weight[len(tok) :, 0] = 1e3  # make the padded rows overwhelmingly likely
+    r = sample(model, tok, ["hello"], group_size=4, max_new_tokens=8, seed=0)
+    assert r.response_ids.max().item() < len(tok)
+    # the recorded entropies stay finite and equal the training forward's (full softmax) values
+    assert torch.isfinite(r.entropies).all() and torch.isfinite(r.logprobs).all()
+    with torch.no_grad():
+        logp, ent = score_responses(model, r, 1.0)
+    # (log-probs here are near -1000, next to the huge padded logits: compare them relatively)
+    assert torch.allclose(logp, r.logprobs, rtol=1e-5, atol=1e-4) and torch.allclose(ent, r.entropies, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+    ],
+)
+def test_bad_sampling_arguments(smollm2, kwargs, message):
+    model, tok = smollm2
+    args = dict(prompts=["hi"], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        sample(model, tok, **args)
+
+
+# --- the graph path's static, bucketed cache (on a CPU it runs without recording a graph) ------
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
+def test_static_bucketed_cache_equals_eager_decoding(smollm2, prompts, temperature, top_p):
+    """cuda_graph=True decodes 3 x 3 = 9 rows in a 16-row bucket over a cache rounded up to 256
+    slots; tokens must be identical and log-probs and entropies equal to float32 rounding."""
+    model, tok = smollm2
+    kw = dict(group_size=3, max_new_tokens=24, temperature=temperature, top_p=top_p, seed=11)
+    eager = sample(model, tok, prompts[:3], cuda_graph=False, **kw)
+    static = sample(model, tok, prompts[:3], cuda_graph=True, **kw)
+    assert torch.equal(eager.response_ids, static.response_ids) and eager.texts == static.texts
+    assert torch.equal(eager.response_mask, static.response_mask)
+    assert torch.allclose(eager.logprobs, static.logprobs, atol=1e-5)
+    assert torch.allclose(eager.entropies, static.entropies, atol=1e-5)
+
+
+def test_one_graph_per_bucket_is_reused_across_calls(prompts):
+    """Calls whose rows and lengths fall in the same bucket share one static cache (on CUDA, one
+    recorded graph); a stale cache from a longer earlier call must not leak into a later one."""
+    model = model_from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).eval()
+    tok = _char_tok()
+    long_first = sample(model, tok, ["7*8=?" * 9, "1+1"], group_size=4, max_new_tokens=30, seed=0, cuda_graph=True)
+    assert len(decode._GRAPHS[model]) == 1
+    for rows, new in [(6, 20), (7, 5), (8, 30)]:  # all in the (8 rows, 256 slots) bucket
+        qs = ["2+2", "3*3=?"][: 1 + (rows > 4)]
+        g = rows // len(qs)
+        a = sample(model, tok, qs, group_size=g, max_new_tokens=new, seed=rows, cuda_graph=True)
+        b = sample(model, tok, qs, group_size=g, max_new_tokens=new, seed=rows, cuda_graph=False)
+        assert torch.equal(a.response_ids, b.response_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert len(decode._GRAPHS[model]) == 1 and long_first.response_ids.shape[0] == 8
+    sample(model, tok, ["2+2"], group_size=9, max_new_tokens=4, seed=0, cuda_graph=True)  # 9 rows: a 16-row bucket
+    assert sorted(k[:2] for k in decode._GRAPHS[model]) == [(8, 256), (16, 256)]
+    assert decode.graph_stats(model)["cuda_graphs"] == 2
+
+
 def test_static_path_under_autocast_casts_the_weights_once_per_call(prompts):
     """Under autocast the static path multiplies with bfloat16 copies of the projections, cast once
     per sample call (decode.cast_weights), not at every step: the same tokens as eager decoding
