@@ -174,22 +174,24 @@ def nucleus_draw(logits, temperature, top_p, generator, window=None, spare_rows=
     lse = z.logsumexp(-1, keepdim=True)  # (N, 1): the full softmax's normaliser
     u = 1 - torch.rand(N, 1, generator=generator, dtype=torch.float64, device=z.device)  # (N, 1): each row's number
     if window is None or window >= V:
-        return _draw_in_order(*z.sort(dim=-1, descending=True), lse, top_p, u), None
+        top, order = z.sort(dim=-1, descending=True)  # (N, V)
+        return _draw_in_order((top - lse).exp(), order, top_p, u), None
     top, order = z.topk(window, dim=-1)  # (N, W) each, most likely first
-    token = _draw_in_order(top, order, lse, top_p, u)  # (N,)
-    mass = (top - lse).exp().sum(-1)  # (N,): the probability inside the window
+    probs = (top - lse).exp()  # (N, W): probabilities, most likely first
+    token = _draw_in_order(probs, order, top_p, u)  # (N,)
+    mass = probs.sum(-1)  # (N,): the probability inside the window
     fits = mass > top_p  # the set closes inside the window
     if spare_rows:
         rows = mass.topk(min(spare_rows, N), largest=False).indices  # (S,): the rows covered least
-        token = token.index_copy(0, rows, _draw_in_order(*z[rows].sort(dim=-1, descending=True), lse[rows], top_p, u[rows]))
+        top, order = z[rows].sort(dim=-1, descending=True)  # (S, V)
+        token = token.index_copy(0, rows, _draw_in_order((top - lse[rows]).exp(), order, top_p, u[rows]))
         fits = fits.index_fill(0, rows, True)
     return token, fits
 
 
-def _draw_in_order(top, order, lse, top_p, u):
-    """(N,) tokens from each row's most likely logits / T, `top` (N, K), most likely first, with their
-    token ids `order` (N, K): tokens after the top-p set get probability 0; row i draws with u[i]."""
-    probs = (top - lse).exp()  # probabilities, most likely first
+def _draw_in_order(probs, order, top_p, u):
+    """(N,) tokens from each row's most likely tokens' probabilities `probs` (N, K), most likely first,
+    with their token ids `order` (N, K): those after the top-p set get 0; row i draws with u[i]."""
     probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # mass before it already > top_p: out
     return order.gather(-1, inverse_cdf_draw(probs, u=u)[:, None]).squeeze(-1)  # (N,)
 
