@@ -5,6 +5,7 @@ bench.py -- how fast and how lean our sampler and training step are, against `tr
     python bench.py --quick          # rows 1-4, 6, 7 and 8 at toy sizes on a tiny random model (about a minute)
     python bench.py --device cuda    # rows 5-7: SmolLM2 and Qwen2.5-0.5B shapes, random weights, bfloat16
     python bench.py --device cuda --quick    # rows 5-7 at toy sizes: a smoke test before the real run
+    python bench.py --rows 1,1c      # only these rows: what to rerun after changing the sampler
 
 Every row runs two things in one process, on the same weights and the same batch: ours, and the
 obvious alternative. Each is warmed up, then the two are timed in turn (A, B, A, B, ...) so that a
@@ -633,16 +634,32 @@ def print_table(rows):
             print(f"{'':<5}{r['note']}")
 
 
+ROWS = {"cpu": ("1", "1b", "1c", "2", "3a", "3b", "4a", "4b", "8"), "cuda": ("5a", "5b", "5c", "5d", "6a", "6b", "7")}
+
+
+def wanted_rows(rows: str, device: str, quick: bool):
+    """--rows "1,1c" (or "all") -> a test wanted(*names): does any of a function's rows belong to the run?
+    (A row function that times two rows, such as 4a and 4b, runs when either is asked for.)"""
+    known = ROWS[device] + (("6", "7") if quick and device == "cpu" else ())
+    only = set(known) if rows == "all" else {r.strip() for r in rows.split(",")}
+    unknown = sorted(only - set(known))
+    if unknown:
+        raise ValueError(f"--rows: no row {', '.join(map(repr, unknown))} on {device}{' --quick' if quick else ''}; the rows are {','.join(known)}")
+    return lambda *names: bool(only & set(names))
+
+
 def main(argv=None):
     parser = OneLineParser(description="Speed and memory against transformers (see the docstring).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 and 8 on SmolLM2-135M; cuda: rows 5-7")
     parser.add_argument("--profile", action="store_true", help="instead of the rows: where row 1's decode steps spend their time")
     parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model, to check that every row runs")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
+    parser.add_argument("--rows", default="all", help="only these rows, comma-separated: 1,1c or 6a,7 (all: the device's rows)")
     args = parser.parse_args(argv)
     try:  # before anything is timed: a bad option or --out costs a second, not the whole benchmark
         check_device(args.device)
         check_out_file(args.out)
+        wanted = wanted_rows(args.rows, args.device, args.quick)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -658,24 +675,29 @@ def main(argv=None):
         else:
             (hf, model, tok), name = smollm2(), "SmolLM2-135M-Instruct"
         print(f"{name}, float32, CPU with {torch.get_num_threads()} threads\n")
-        rows += progress([row_sampler("1", hf, model, tok, S["r1_prompts"], S["r1_group"], S["r1_prompt_len"], S["r1_new"],
-                                      S["r1_repeats"], ">= 1.5x", device)[0]], start)
-        # 1b: the same with both models in bfloat16, which train.py picks on CPUs with native bf16
-        hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-        rows += progress([row_sampler("1b", hf16, model_from_hf(hf16).eval(), tok, S["r1_prompts"], S["r1_group"],
-                                      S["r1_prompt_len"], S["r1_new"], S["r1_repeats"], ">= 1.5x", device)[0]], start)
-        del hf16
-        # 1c: row 1 at the evaluation's settings (evaluate.py, the experiment): the top-p choice
-        rows += progress([row_sampler("1c", hf, model, tok, S["r1_prompts"], S["r1_group"], S["r1_prompt_len"], S["r1_new"],
-                                      S["r1_repeats"], ">= 1.5x", device, temperature=0.6, top_p=0.95)[0]], start)
-        rows += progress([row_shared_prefill(model, tok, S, device)], start)
-        rows += progress(row_kv_cache(model, tok, S, device), start)
-        rows += progress(row_training("4a", "4b", hf, model, S["r4_rows"], S["r4_prompt_len"], S["r4_response_len"],
-                                      S["r4_repeats"], device), start)
-        if args.quick:  # the GPU rows' code paths, on the toy (their full sizes would take an hour on a CPU)
+        r1 = (S["r1_prompts"], S["r1_group"], S["r1_prompt_len"], S["r1_new"], S["r1_repeats"], ">= 1.5x", device)
+        if wanted("1"):
+            rows += progress([row_sampler("1", hf, model, tok, *r1)[0]], start)
+        if wanted("1b"):  # the same with both models in bfloat16, which train.py picks on CPUs with native bf16
+            hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+            rows += progress([row_sampler("1b", hf16, model_from_hf(hf16).eval(), tok, *r1)[0]], start)
+            del hf16
+        if wanted("1c"):  # row 1 at the evaluation's settings (evaluate.py, the experiment): the top-p choice
+            rows += progress([row_sampler("1c", hf, model, tok, *r1, temperature=0.6, top_p=0.95)[0]], start)
+        if wanted("2"):
+            rows += progress([row_shared_prefill(model, tok, S, device)], start)
+        if wanted("3a", "3b"):
+            rows += progress(row_kv_cache(model, tok, S, device), start)
+        if wanted("4a", "4b"):
+            rows += progress(row_training("4a", "4b", hf, model, S["r4_rows"], S["r4_prompt_len"], S["r4_response_len"],
+                                          S["r4_repeats"], device), start)
+        # (--quick: the GPU rows' code paths on the toy; their full sizes would take an hour on a CPU)
+        if args.quick and wanted("6"):
             rows += progress([row_grpo_step("6", hf, model, tok, S, device, "toy")], start)
+        if args.quick and wanted("7"):
             rows += progress([row_evaluate(hf, model, tok, S, device)], start)
-        rows += progress([row_drop_stopped(model, tok, S, device)], start)
+        if wanted("8"):
+            rows += progress([row_drop_stopped(model, tok, S, device)], start)
     else:
         # Both architectures at once (a few GB on the card). The rows with targets come first, the
         # eager sampler (5a, 5b, informative) last, so that a run cut short still has what matters.
@@ -683,17 +705,21 @@ def main(argv=None):
         name = "Qwen2.5-0.5B architecture (random weights)" if not args.quick else "toy Qwen2 (random weights)"
         print(f"{name}, bfloat16, {torch.cuda.get_device_name()}\n")
         model.set_recompute(False)  # what --recompute auto picks when a mini-batch fits (it does here)
-        rows += progress(row_training("5c", "5d", hf, model, S["r5_train_rows"], S["r5_prompt_len"], S["r5_new"],
-                                      S["r5_repeats"], device), start)
-        rows += progress([row_evaluate(hf, model, tok, S, device)], start)
+        if wanted("5c", "5d"):
+            rows += progress(row_training("5c", "5d", hf, model, S["r5_train_rows"], S["r5_prompt_len"], S["r5_new"],
+                                          S["r5_repeats"], device), start)
+        if wanted("7"):
+            rows += progress([row_evaluate(hf, model, tok, S, device)], start)
         for row, config, what in [("6b", qwen25_05b_config, "Qwen2.5-0.5B shape"), ("6a", smollm2_config, "SmolLM2-135M shape")]:
-            hf6, model6 = random_model(config(**(TOY if args.quick else {})), device, torch.float32)  # as train.py loads
-            rows += progress([row_grpo_step(row, hf6, model6, tok, S, device, what)], start)
-            del hf6, model6
-        row, t_generate = row_sampler("5a", hf, model, tok, S["r5_prompts"], S["r5_group"], S["r5_prompt_len"], S["r5_new"],
-                                      S["r5_repeats"], ">= 2.0x", device)
-        rows += progress([row], start)
-        rows += progress([row_cuda_graph(hf, model, tok, S, t_generate, device)], start)
+            if wanted(row):
+                hf6, model6 = random_model(config(**(TOY if args.quick else {})), device, torch.float32)  # as train.py loads
+                rows += progress([row_grpo_step(row, hf6, model6, tok, S, device, what)], start)
+                del hf6, model6
+        if wanted("5a", "5b"):  # (5b's baseline is 5a's generate)
+            row, t_generate = row_sampler("5a", hf, model, tok, S["r5_prompts"], S["r5_group"], S["r5_prompt_len"], S["r5_new"],
+                                          S["r5_repeats"], ">= 2.0x", device)
+            rows += progress([row], start)
+            rows += progress([row_cuda_graph(hf, model, tok, S, t_generate, device)], start)
         rows.sort(key=lambda r: r["row"])
     elapsed = time.time() - start
     print()

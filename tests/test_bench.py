@@ -31,6 +31,13 @@ def test_quick_run_writes_every_row(tmp_path):
         assert isinstance(r["met"], bool) and r["target"].startswith((">=", "<="))
 
 
+def test_rows_runs_only_the_rows_asked_for(tmp_path):
+    """--rows picks rows; a function that times two rows (3a and 3b) runs for either."""
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--rows", "1c,3b,7", "--out", str(out)])
+    assert [r["row"] for r in json.loads(out.read_text())["rows"]] == ["1c", "3a", "3b", "7"]
+
+
 def test_result_ratio_points_the_right_way():
     assert bench.result("x", "", 200.0, 100.0, "tok/s", ">= 1.5x")["ratio"] == 2.0  # more tokens per second
     assert bench.result("x", "", 1.0, 3.0, "s", ">= 1.5x")["ratio"] == 3.0  # fewer seconds
