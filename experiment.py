@@ -78,7 +78,8 @@ from entropy_view import entropy_stats, sample_answers
 from evaluate import EvalSettings, cuda_graph_option, default_ks, evaluate, load_summary
 from flags import parse_args
 from load import DEFAULT_MODEL, load_model, save_pretrained
-from report import DRAWS, PANELS, bootstrap, differs, per_problem_pass_at_k, per_step, plot_passk, plot_training, tables, verdict
+from report import (DRAWS, PANELS, bootstrap, differs, levelling, per_problem_pass_at_k, per_step, plot_passk, plot_training,
+                    tables, verdict)
 from runs import choose_precision, held_out_problems
 from train import Config
 
@@ -361,9 +362,7 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
                f"Pass@K, {base.eval_problems} held-out {task} problems, n = {n}, {len(plan.seeds)} seeds (95% bootstrap band)")
     plot_training(folders, os.path.join(out, "curves.png"))
     said = verdict(diffs, ks)
-    # has plain's training reward levelled off? its mean over each quarter of the steps, seeds averaged
-    reward = per_step(folders[labels["plain"]], "reward")[1]
-    quarters = [sum(q) / len(q) for q in (reward[i * len(reward) // 4 : (i + 1) * len(reward) // 4] for i in range(4)) if q]
+    levelled, levelling_record = levelling(folders[labels["plain"]])  # has plain's training reward levelled off?
     md = (tables(curves, diffs, ks, n, stats) + f"\n\n{base.eval_problems} held-out `{task}` problems x {n} samples, "
           f"temperature {EVAL_TEMPERATURE}, top-p {EVAL_TOP_P}, up to {base.max_new_tokens} new tokens. Each cell: the mean "
           f"over {len(plan.seeds)} seeds (the start: one evaluation) and problems, and its 95% bootstrap interval (seeds, "
@@ -371,7 +370,7 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
           f"problems x {ENTROPY_ANSWERS} answers per model, mean over seeds (count: tokens in all seeds). Each run: "
           f"{base.steps} steps of {base.prompts_per_step} prompts x {base.group_size} answers in {base.mini_batches} "
           f"mini-batches, lr {base.lr:g}, seeds {', '.join(map(str, plan.seeds))}. Total {sum(minutes.values()):.0f} minutes.\n\n"
-          f"Plain's training reward by quarter of the steps (mean over seeds): {', '.join(f'{q:.3f}' for q in quarters)}.\n\n"
+          f"{levelled}\n\n"
           f"Which K differ: {said}\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
@@ -389,7 +388,7 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
                               for arm, s, _, _ in evals},
                    "per_step": {label: {key: dict(zip(("steps", "mean", "min", "max"), per_step(fs, key))) for key, _ in PANELS}
                                 for label, fs in folders.items()},
-                   "plain_reward_by_quarter": quarters,
+                   "plain_reward": levelling_record,
                    "entropy_stats": {label: [{g: s["groups"][g] for g in ("pivotal", "reflective", "other", "all")} for s in per_seed]
                                      for label, per_seed in stats.items()},
                    "minutes": {**minutes, "total": sum(minutes.values())}}, f, indent=1)

@@ -53,14 +53,48 @@ def differs(diff: dict, ks: list) -> dict:
     return {"above": [k for k, lo in zip(ks, diff["low"]) if lo > 0], "below": [k for k, hi in zip(ks, diff["high"]) if hi < 0]}
 
 
-def per_step(folders: list, key: str) -> tuple:
-    """One metric of the seeds' runs -> (steps, mean over seeds, min, max) at the steps every seed logged."""
+def trend(values: torch.Tensor, draws: int = DRAWS, seed: int = 0, level: float = 0.95) -> dict:
+    """values (S seeds, T steps) -> the least-squares slope per step, and its bootstrap interval:
+    has a training curve levelled off (slope 0 within the interval) or is it still rising?
+
+    One line per seed with its own height and a common slope (each seed's steps and values centred on
+    their own means), so a seed that is better throughout does not tilt it. One replicate: draw S
+    seeds with replacement and, within each drawn seed, T of its steps with replacement; the slope of
+    those points (a replicate whose steps are all one step has none and is left out). Worked case:
+    every seed exactly on a line of slope b, each at its own height: every replicate's slope is b,
+    and so is the interval. Calibration, on pure noise (1,000 cases each, 6 steps): the 95% interval
+    left out 0 in 3.2% of the cases at 3 seeds, 4.1% at 2 seeds, 9.3% at 1 seed (there, read it as
+    a 90% interval; tests/test_experiment.py checks 2 seeds).
+    """
+    S, T = values.shape
+    g = torch.Generator().manual_seed(seed)
+    seed_idx = torch.randint(S, (draws, S), generator=g)  # (draws, S)
+    step_idx = torch.randint(T, (draws, S, T), generator=g)  # (draws, S, T): steps drawn within each drawn seed
+
+    def slope(x, y):  # (..., S, T) each -> (...)
+        x, y = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+        return (x * y).sum((-2, -1)) / (x * x).sum((-2, -1))  # nan where no seed's steps differ
+
+    replicates = slope(step_idx.double(), values[seed_idx[:, :, None], step_idx])  # (draws,)
+    tail = (1 - level) / 2
+    low, high = torch.nanquantile(replicates, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    steps = torch.arange(T, dtype=torch.float64).expand(S, T)
+    return {"slope": slope(steps, values.double()).item(), "low": low.item(), "high": high.item()}
+
+
+def step_table(folders: list, key: str) -> tuple:
+    """One metric of the seeds' runs -> (steps, (T, S) values) at the T steps every one of the S seeds logged."""
     runs = []
     for folder in folders:
         rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
         runs.append({r["step"]: r[key] for r in rows if r.get("kind") == "train" and r.get(key) is not None})  # last row wins
     steps = sorted(set.intersection(*(set(r) for r in runs)))  # PPO's warm-up has no psi
-    table = torch.tensor([[r[s] for r in runs] for s in steps], dtype=torch.float64).reshape(len(steps), len(runs))
+    return steps, torch.tensor([[r[s] for r in runs] for s in steps], dtype=torch.float64).reshape(len(steps), len(runs))
+
+
+def per_step(folders: list, key: str) -> tuple:
+    """One metric of the seeds' runs -> (steps, mean over seeds, min, max) at the steps every seed logged."""
+    steps, table = step_table(folders, key)  # (T, S)
     return steps, table.mean(1).tolist(), table.min(1).values.tolist(), table.max(1).values.tolist()
 
 
@@ -126,6 +160,24 @@ def tables(curves: dict, diffs: dict, ks: list, n: int, stats: dict) -> str:
             return f"{sum(ms) / len(ms):.3f} ({count})" if ms else f"- ({count})"
         lines.append(f"| {label} | {cell('pivotal')} | {cell('reflective')} | {cell('other')} | {cell('all')} |")
     return "\n".join(lines)
+
+
+def levelling(folders: list) -> tuple:
+    """Has plain GRPO's training reward levelled off (the paper trains until it has)? Its mean by
+    quarter of the steps, and its trend over the second half -> (sentence, record for results.json)."""
+    steps, reward = step_table(folders, "reward")  # (T, S)
+    T = len(steps)
+    quarters = [q.mean().item() for q in (reward[i * T // 4 : (i + 1) * T // 4] for i in range(4)) if len(q)]
+    said = f"Plain's training reward by quarter of the steps (mean over seeds): {', '.join(f'{q:.3f}' for q in quarters)}."
+    record = {"reward_by_quarter": quarters}
+    if T - T // 2 >= 6:  # fewer steps: the replicates are too few distinct resamples to trust the interval
+        second = reward[T // 2 :].T  # (S, T - T // 2)
+        record["second_half"] = {"steps": [steps[T // 2], steps[-1]], **trend(second)}
+        c = record["second_half"]
+        state = "still rising" if c["low"] > 0 else "falling" if c["high"] < 0 else "no trend beyond its interval"
+        said += (f" Over the second half (steps {steps[T // 2]}-{steps[-1]}) its slope is {c['slope']:+.4f} per step "
+                 f"[{c['low']:+.4f}, {c['high']:+.4f}] (95% bootstrap over seeds and steps): {state}.")
+    return said, record
 
 
 def verdict(diffs: dict, ks: list) -> str:
