@@ -1,8 +1,8 @@
 """
 bench.py -- how fast and how lean our sampler and training step are, against `transformers`.
 
-    python bench.py                  # CPU: SmolLM2-135M, rows 1-4 and 8 (under 15 minutes on 2 cores)
-    python bench.py --quick          # rows 1-4, 6, 7 and 8 at toy sizes on a tiny random model (about a minute)
+    python bench.py                  # CPU: SmolLM2-135M, rows 1-4, 8 and 9 (about 17 minutes on 2 cores)
+    python bench.py --quick          # rows 1-4, 6, 7, 8 and 9 at toy sizes on a tiny random model (about a minute)
     python bench.py --device cuda    # rows 5-7: SmolLM2 and Qwen2.5-0.5B shapes, random weights, bfloat16
     python bench.py --device cuda --quick    # rows 5-7 at toy sizes: a smoke test before the real run
     python bench.py --rows 1,1c      # only these rows: what to rerun after changing the sampler
@@ -34,6 +34,9 @@ the ratio is the result. The table is printed and written as JSON (--out).
     8   an evaluation's sampling (2 arith:3 problems x 32 answers, up to 192 tokens, stopping at the
         end token) with the rows that have stopped dropped from each step, vs computing every row
         until the last one stops. A CPU row.
+    9   one update of train.py at the experiment's CPU size (4 arith:3 prompts x 8 answers, 2
+        mini-batches, micro-batches of 8) with each micro-batch cut to the columns its rows use, the
+        longest answers together, vs micro-batches as wide as the rollout. A CPU row.
 
 Simplifications: the rows on random weights (quick mode, rows 5-7) use a tokenizer with one token per
 byte, built here in a few lines, so nothing is downloaded. Row 4's rollout is random tokens with
@@ -73,6 +76,7 @@ FULL = dict(
     r6_prompts=32, r6_group=8, r6_prompt_len=64, r6_new=256, r6_repeats=2,
     r7_problems=16, r7_samples=64, r7_prompt_len=64, r7_new=128, r7_repeats=2,
     r8_prompts=2, r8_group=32, r8_new=192, r8_repeats=2,
+    r9_prompts=4, r9_group=8, r9_new=192, r9_repeats=1,
 )
 QUICK = dict(
     r1_prompts=2, r1_group=2, r1_prompt_len=12, r1_new=8, r1_repeats=2,
@@ -83,6 +87,7 @@ QUICK = dict(
     r6_prompts=2, r6_group=4, r6_prompt_len=12, r6_new=8, r6_repeats=1,
     r7_problems=2, r7_samples=4, r7_prompt_len=12, r7_new=8, r7_repeats=1,
     r8_prompts=1, r8_group=4, r8_new=8, r8_repeats=1,
+    r9_prompts=2, r9_group=4, r9_new=8, r9_repeats=1,
 )
 TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -584,6 +589,50 @@ def row_drop_stopped(model, tok, S, device):
     return result("8", what, t_ours, t_base, "s", ">= 1.0x", note=note)
 
 
+def row_cut_micro_batches(model, tok, S, device):
+    """Row 9: one update of train.py (score_before_update, then update: the CPU size's step, 4 arith:3
+    prompts x 8 answers in 2 mini-batches, micro-batches of 8 rows) with each micro-batch cut to the
+    columns its rows use and the longest answers together (update.rollout_rows, longest_first),
+    against micro-batches as wide as the rollout, in the rollout's order (the code before). Same
+    gradients (tests/test_train.py); lr 0, so the weights stay as they are for both."""
+    import train
+    import update
+    from rollout import format_prompt
+    from tasks import load_problems
+
+    n, G, new, repeats = S["r9_prompts"], S["r9_group"], S["r9_new"], S["r9_repeats"]
+    prompts = [format_prompt(tok, p.question) for p in load_problems("arith:3", "train", n)]
+    ro = sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=0.6, top_p=0.95, seed=3)
+    cfg = train.resolve_defaults(train.Config(group_size=G, prompts_per_step=n, mini_batches=2, temperature=0.6, lr=0.0))
+    actor = update.Learner(model, torch.optim.AdamW(model.parameters(), lr=0.0), torch.amp.GradScaler("cpu", enabled=False))
+    plan = update.MicroBatchPlan(cfg, device, [actor])
+    adv = torch.randn(n * G, 1, generator=torch.Generator().manual_seed(1)).expand_as(ro.logprobs) * ro.response_mask
+    cut = update.rollout_rows, update.longest_first
+    whole = (lambda r, rows: Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.response_ids[rows], r.response_mask[rows],
+                                     r.logprobs[rows], r.entropies[rows], r.stopped[rows], [r.texts[i] for i in rows.tolist()],
+                                     r.group_size),
+             lambda r, rows: torch.arange(r.response_ids.shape[0])[rows])
+
+    def run(fns):
+        def go():
+            update.rollout_rows, update.longest_first = fns
+            try:
+                t = update.score_before_update(cfg, ro, actor, None, None, plan)
+                t.adv = adv
+                update.update(cfg, actor, None, ro, t, plan)
+            finally:
+                update.rollout_rows, update.longest_first = cut
+        return go
+
+    run(cut)()  # warm-up
+    t_ours, t_base = compare_times(run(cut), run(whole), repeats, device)
+    model.eval()
+    lengths = ro.lengths
+    what = f"micro-batches cut to their rows vs as wide as the rollout: one update, {n} arith:3 prompts x {G} answers (s)"
+    note = f"answers of {lengths.mean():.0f} tokens on average, the longest {lengths.max():.0f}, prompts of {ro.prompt_ids.shape[1]}"
+    return result("9", what, t_ours, t_base, "s", ">= 1.0x", note=note)
+
+
 # -----------------------------------------------------------------------------------------------
 # The run
 
@@ -634,7 +683,7 @@ def print_table(rows):
             print(f"{'':<5}{r['note']}")
 
 
-ROWS = {"cpu": ("1", "1b", "1c", "2", "3a", "3b", "4a", "4b", "8"), "cuda": ("5a", "5b", "5c", "5d", "6a", "6b", "7")}
+ROWS = {"cpu": ("1", "1b", "1c", "2", "3a", "3b", "4a", "4b", "8", "9"), "cuda": ("5a", "5b", "5c", "5d", "6a", "6b", "7")}
 
 
 def wanted_rows(rows: str, device: str, quick: bool):
@@ -650,7 +699,7 @@ def wanted_rows(rows: str, device: str, quick: bool):
 
 def main(argv=None):
     parser = OneLineParser(description="Speed and memory against transformers (see the docstring).")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4 and 8 on SmolLM2-135M; cuda: rows 5-7")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: rows 1-4, 8 and 9 on SmolLM2-135M; cuda: rows 5-7")
     parser.add_argument("--profile", action="store_true", help="instead of the rows: where row 1's decode steps spend their time")
     parser.add_argument("--quick", action="store_true", help="toy sizes on a tiny random model, to check that every row runs")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
@@ -698,6 +747,8 @@ def main(argv=None):
             rows += progress([row_evaluate(hf, model, tok, S, device)], start)
         if wanted("8"):
             rows += progress([row_drop_stopped(model, tok, S, device)], start)
+        if wanted("9"):  # (last: it trains the model, at lr 0, and sets its recompute as train.py's CPU plan does)
+            rows += progress([row_cut_micro_batches(model, tok, S, device)], start)
     else:
         # Both architectures at once (a few GB on the card). The rows with targets come first, the
         # eager sampler (5a, 5b, informative) last, so that a run cut short still has what matters.

@@ -60,9 +60,10 @@ class Targets:
     old_values: torch.Tensor | None = None  # PPO: the critic's values at rollout time (its loss clips to them)
     returns: torch.Tensor | None = None  # PPO: the critic's targets
 
-    def at(self, rows: slice) -> "Targets":
-        """The same targets for some rows of the rollout (a micro-batch)."""
-        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+    def at(self, rows, R: int) -> "Targets":
+        """The same targets for some rows of the rollout (a micro-batch: a slice or row indices) and
+        their first R response columns (see rollout_rows)."""
+        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows, :R]
                                 for f in fields(self)})
 
 
@@ -122,17 +123,20 @@ def accumulate_gradients(cfg, actor, critic, rollout: Rollout, t: Targets, rows:
     by the mini-batch's token count, so the gradients add up to its token-level mean whatever the split."""
     stats = Means()
     num_tokens = rollout.response_mask[rows].sum()  # the mini-batch's token count
-    tokens_per_row = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]  # P + R
-    m = rows.start
-    while m < rows.stop:
-        mb = slice(m, min(m + plan.rows(tokens_per_row), rows.stop))
-        part, part_targets = rollout_rows(rollout, mb), t.at(mb)
-        with plan.measure(mb.stop - mb.start, tokens_per_row, rows.stop - rows.start, probe=actor is not None):
+    tokens_per_row = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]  # P + R, before trimming
+    order = longest_first(rollout, rows)  # (n,) the mini-batch's rows
+    m = 0
+    while m < len(order):
+        mb = order[m : m + plan.rows(tokens_per_row)]  # a micro-batch: rows of similar length
+        part = rollout_rows(rollout, mb)  # ... without the columns that are padding in all of them
+        part_targets = t.at(mb, part.response_ids.shape[1])
+        width = part.prompt_ids.shape[1] + part.response_ids.shape[1]  # the tokens a row costs here
+        with plan.measure(len(mb), width, len(order), probe=actor is not None):
             if actor is not None:
                 actor_loss_backward(cfg, actor, part, part_targets, num_tokens, stats)
             if critic is not None:
                 critic_loss_backward(cfg, critic, part, part_targets, num_tokens, stats)
-        m = mb.stop
+        m += len(mb)
     return stats
 
 
@@ -216,20 +220,44 @@ def clipped_step(learner: Learner, max_norm: float, stats: "Means", name: str) -
     return not math.isfinite(norm)
 
 
-def rollout_rows(r: Rollout, rows: slice) -> Rollout:
-    """Some rows of a rollout (a mini- or micro-batch), as a Rollout."""
-    return Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.response_ids[rows], r.response_mask[rows],
-                   r.logprobs[rows], r.entropies[rows], r.stopped[rows], r.texts[rows], r.group_size)
+# A rollout is as wide as its longest prompt plus its longest answer, and most rows are padding at
+# one end or the other: in the experiment's CPU size, answers of 60 to 100 tokens share a rollout
+# with a few cut off at 192. A micro-batch needs only the columns some of its rows use, so each one
+# is cut to those, and micro-batches are made of rows of similar length (longest first), so that
+# short answers travel together and cost what they cost. The numbers do not change: positions
+# count real tokens only and attention never looks at padding (tests/test_train.py compares).
+
+
+def longest_first(r: Rollout, rows: slice) -> torch.Tensor:
+    """The rollout's rows in `rows`, as (n,) indices, the longest answers first (ties: in order).
+    First also means that the micro-batch the memory probe measures is the widest (MicroBatchPlan)."""
+    return torch.arange(r.response_ids.shape[0], device=r.response_ids.device)[rows][
+        r.response_mask[rows].sum(-1).argsort(descending=True, stable=True)]
+
+
+def rollout_rows(r: Rollout, rows: torch.Tensor) -> Rollout:
+    """Some rows of a rollout ((n,) indices), as a Rollout without the columns that are padding in
+    all of them: the prompts' shared left padding and the answers' shared right padding."""
+    prompt_mask, response_mask = r.prompt_mask[rows], r.response_mask[rows]  # (n, P), (n, R)
+    used = prompt_mask.any(0).nonzero()  # prompt columns some row uses
+    p0 = min(int(used[0]) if len(used) else r.prompt_ids.shape[1], r.prompt_ids.shape[1] - 1)  # (keep one)
+    R = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1  # up to the longest answer
+    return Rollout(r.prompt_ids[rows, p0:], prompt_mask[:, p0:], r.response_ids[rows, :R], response_mask[:, :R],
+                   r.logprobs[rows, :R], r.entropies[rows, :R], r.stopped[rows], [r.texts[i] for i in rows.tolist()],
+                   r.group_size)
 
 
 @torch.no_grad()
-def score_all(fn, rollout: Rollout, rows: int, amp):
-    """Run fn (a scorer of a Rollout) over the rollout, `rows` rows at a time, without gradients."""
-    outs = []
-    for m in range(0, rollout.response_ids.shape[0], rows):
+def score_all(fn, rollout: Rollout, rows: int, amp) -> torch.Tensor:
+    """fn (a scorer: Rollout -> (n, R') per-token values) over the whole rollout, `rows` rows of
+    similar length at a time, without gradients -> (N, R), 0 in the columns a part did not have."""
+    order = longest_first(rollout, slice(None))  # (N,)
+    out = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)  # (N, R)
+    for m in range(0, len(order), rows):
         with amp():
-            outs.append(fn(rollout_rows(rollout, slice(m, m + rows))))
-    return torch.cat(outs).float()
+            part = fn(rollout_rows(rollout, order[m : m + rows]))  # (n, R')
+        out[order[m : m + rows], : part.shape[1]] = part.float()
+    return out
 
 
 def score_before_update(cfg, rollout: Rollout, actor: Learner, critic: Learner | None, ref_model, plan) -> Targets:

@@ -158,7 +158,7 @@ CASES = [  # (script and argv, the message expected); {d} is the folder of the f
     (B("--device", "tpu"), "argument --device: invalid choice"),
     (B("--out", "{d}/out_folder"), "is a folder: name a file"),
     (B("--out", "{d}/nowhere/bench.json"), "does not exist"),
-    (B("--rows", "1,9"), "no row '9' on cpu; the rows are 1,1b,1c"),
+    (B("--rows", "1,10"), "no row '10' on cpu; the rows are 1,1b,1c"),
     (B("--rows", "6a"), "no row '6a' on cpu"),  # a GPU row
     (B("--quick", "--fast"), "unrecognized arguments: --fast"),
     pytest.param(B("--device", "cuda"), "torch sees no GPU here", marks=NO_GPU),

@@ -386,6 +386,70 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_token_mean(tiny_fold
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads["auto"], grads["2"]))
 
 
+def ragged_rollout(model, tok):
+    """8 rows: prompts of 2 lengths (left padding), answers cut to 1..6 tokens (right padding)."""
+    from rollout import sample
+
+    ro = sample(model, tok, ["1+1?", "What is 12 * 3? Think."], group_size=4, max_new_tokens=6, seed=0)
+    lengths = torch.tensor([6, 1, 3, 2, 5, 2, 1, 4])
+    cut = torch.arange(6)[None, :] >= lengths[:, None]  # (8, 6)
+    ro.response_mask = ro.response_mask.masked_fill(cut, 0.0)
+    ro.response_ids = ro.response_ids.masked_fill(cut, tok.pad_token_id or 0)
+    return ro
+
+
+def test_micro_batches_drop_only_padding_columns(tiny_folder):
+    """rollout_rows keeps every real token of its rows and cuts only columns that are padding in all of
+    them; the log-probs of the cut micro-batch equal those of the whole rollout's forward."""
+    from rollout import score_responses
+
+    model, tok = load_model(tiny_folder, device="cpu")
+    ro = ragged_rollout(model, tok)
+    with torch.no_grad():
+        full = score_responses(model, ro)[0]  # (8, 6)
+    for rows in ([0, 4], [1, 6], [3, 2, 5]):  # the long prompt's rows only; answers of 1 token; mixed
+        idx = torch.tensor(rows)
+        part = update.rollout_rows(ro, idx)
+        assert part.prompt_mask.sum() == ro.prompt_mask[idx].sum() and part.response_mask.sum() == ro.response_mask[idx].sum()
+        assert part.response_ids.shape[1] == int(ro.response_mask[idx].sum(-1).max())  # cut to the longest answer
+        assert part.prompt_mask[:, 0].any()  # no column of left padding shared by all of them is left
+        with torch.no_grad():
+            logp = score_responses(model, part)[0]  # (n, R')
+        assert torch.allclose(logp, full[idx, : logp.shape[1]], atol=1e-5)
+    assert update.rollout_rows(ro, torch.tensor([1, 6])).response_ids.shape[1] == 1
+    assert update.longest_first(ro, slice(0, 4)).tolist() == [0, 2, 3, 1]
+    assert update.longest_first(ro, slice(4, 8)).tolist() == [4, 7, 5, 6]
+
+
+def test_update_is_the_same_whatever_the_micro_batch_and_equals_the_whole_loss(tiny_folder):
+    """On ragged rows, the gradient of update() with micro-batches of 1, 3 and 8 rows (cut and sorted
+    by length) equals the gradient of the policy loss over the whole rollout in one forward (SGD, lr 1:
+    the step is the gradient); score_all gives the whole forward's old log-probs, row for row."""
+    from contextlib import nullcontext
+
+    from advantage import policy_loss
+    from rollout import score_responses
+
+    model, tok = load_model(tiny_folder, device="cpu")
+    ro = ragged_rollout(model, tok)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -2.0, 1.0])[:, None].expand(8, 6) * ro.response_mask
+    model.train()
+    logp, _ = score_responses(model, ro)
+    policy_loss(logp, logp.detach(), adv, ro.response_mask)[0].backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():
+        old = update.score_all(lambda r: score_responses(model, r)[0], ro, 3, nullcontext)  # (8, 6)
+    assert torch.allclose(old, logp.detach() * ro.response_mask, atol=1e-5)
+    for micro_batch in ("1", "3", "8"):
+        net = load_model(tiny_folder, device="cpu")[0].train()
+        cfg = train.resolve_defaults(Config(group_size=4, prompts_per_step=2, micro_batch=micro_batch, alpha=0.0, grad_clip=1e9))
+        actor = update.Learner(net, torch.optim.SGD(net.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False))
+        before = [p.detach().clone() for p in net.parameters()]
+        update.update(cfg, actor, None, ro, update.Targets(adv), update.MicroBatchPlan(cfg, torch.device("cpu"), [actor]))
+        step = [b - p.detach() for b, p in zip(before, net.parameters())]
+        assert all(torch.allclose(s, r, atol=1e-6) for s, r in zip(step, reference)), micro_batch
+
+
 def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(monkeypatch):
     """The GPU logic of MicroBatchPlan, with torch.cuda's memory counters faked: a probe of 8 rows x
     100 tokens that peaks 8 MB above its start costs 10 kB a token; with 1.25 GB free, 80% of it fits
