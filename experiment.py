@@ -50,7 +50,7 @@ on 32 training problems x 8), so 94% of the groups would have no reward spread a
 at 0.6 / 0.95 it is 7% cut off and 5.5% right (the README's table). The entropies the arms see are
 of that tempered policy.
   cpu  2 seeds x 2 arms x 8 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves off
-       1 and the clip acts); 10 held-out problems x n = 32. Measured: 39 minutes on 2 cores
+       1 and the clip acts); 10 held-out problems x n = 32. Measured: 35 minutes on 2 cores
        (2026-11-28; minutes.json has each stage). A 40-step plain run at this size kept a level
        training reward (0.08-0.14 by block of 8 steps) while its entropy fell by a third (README): it
        is the CPU-sized run of the same experiment, not a test of the paper's claim.
@@ -102,7 +102,7 @@ HELP = f"""usage: python experiment.py [--size cpu|gpu] [--seeds K] [--arms plai
                           [any train.py Config field as --name value]
 
   --size   cpu (default): 2 seeds x 2 arms, 8 steps of 4 x 8 answers, 10 held-out problems, n = 32;
-           measured at 39 minutes on 2 CPU cores.
+           measured at 35 minutes on 2 CPU cores.
            gpu: 3 seeds x 2 arms, 12 steps of 32 x 8 answers, 48 held-out problems, n = 256;
            about 10.4 minutes on an H200 from a one-seed run's stages (not yet run whole: see the README).
   --seeds  seeds per arm (--seed, --seed + 1, ...)

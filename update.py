@@ -239,9 +239,8 @@ def rollout_rows(r: Rollout, rows: torch.Tensor) -> Rollout:
     """Some rows of a rollout ((n,) indices), as a Rollout without the columns that are padding in
     all of them: the prompts' shared left padding and the answers' shared right padding."""
     prompt_mask, response_mask = r.prompt_mask[rows], r.response_mask[rows]  # (n, P), (n, R)
-    used = prompt_mask.any(0).nonzero()  # prompt columns some row uses
-    p0 = min(int(used[0]) if len(used) else r.prompt_ids.shape[1], r.prompt_ids.shape[1] - 1)  # (keep one)
-    R = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1  # up to the longest answer
+    p0 = int(prompt_mask.any(0).nonzero().min())  # the first column some prompt uses (left padding before it)
+    R = int(response_mask.any(0).nonzero().max()) + 1  # up to the longest answer (as rollout._pack cuts the rollout)
     return Rollout(r.prompt_ids[rows, p0:], prompt_mask[:, p0:], r.response_ids[rows, :R], response_mask[:, :R],
                    r.logprobs[rows, :R], r.entropies[rows, :R], r.stopped[rows], [r.texts[i] for i in rows.tolist()],
                    r.group_size)
