@@ -253,9 +253,10 @@ def score_all(fn, rollout: Rollout, rows: int, amp) -> torch.Tensor:
     order = longest_first(rollout, slice(None))  # (N,)
     out = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)  # (N, R)
     for m in range(0, len(order), rows):
+        idx = order[m : m + rows]  # (n,)
         with amp():
-            part = fn(rollout_rows(rollout, order[m : m + rows]))  # (n, R')
-        out[order[m : m + rows], : part.shape[1]] = part.float()
+            part = fn(rollout_rows(rollout, idx))  # (n, R')
+        out[idx, : part.shape[1]] = part.float()
     return out
 
 
