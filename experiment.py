@@ -20,10 +20,11 @@ seeded problem draw, data order and per-step sampling seeds are shared: step 1's
 identical across arms, and the policies part from there. Seeds are --seed, --seed + 1, ...
 
 Stages; each is skipped when its output exists, so after an interruption the same command goes on
-(--overwrite true retrains every run instead):
+(--overwrite true retrains every run instead). They go seed by seed, so a run stopped early leaves
+whole seeds, which the same command with --seeds k reports without training or sampling anything:
   1. train each seed's arms into OUT/seed<s>/<arm>, from OUT/start_model/ when --model is a GGUF file
      (parsed once: start_model); a Ctrl-C saves a checkpoint, and the rerun resumes it
-  2. evaluate the starting model once (OUT/eval_start) and every final checkpoint
+  2. evaluate the starting model once (OUT/eval_start, first of all) and every final checkpoint
      (OUT/seed<s>/eval_<arm>): n samples per held-out problem at the paper's settings (temperature
      0.6, top-p 0.95). All models answer the same problems; the runs of one seed share its sampling
      seed. Each evaluation also samples a few answers token by token for entropy_view's statistics
@@ -50,15 +51,12 @@ on 32 training problems x 8), so 94% of the groups would have no reward spread a
 at 0.6 / 0.95 it is 7% cut off and 5.5% right (the README's table). The entropies the arms see are
 of that tempered policy.
   cpu  2 seeds x 2 arms x 8 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves off
-       1 and the clip acts); 10 held-out problems x n = 32. Measured: 35 minutes on 2 cores
-       (2026-11-28; minutes.json has each stage). A 40-step plain run at this size kept a level
-       training reward (0.08-0.14 by block of 8 steps) while its entropy fell by a third (README): it
-       is the CPU-sized run of the same experiment, not a test of the paper's claim.
+       1 and the clip acts); 10 held-out problems x n = 32; 35 minutes on 2 cores (2026-11-28). Not a
+       test of the paper's claim: a 40-step plain run of this size kept a level reward (README).
   gpu  3 seeds x 2 arms x 12 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
-       x n = 256. About 10.4 minutes on an H200, from the stages of a one-seed run (2026-11-28,
-       README): evaluating the start 1.3 min, training a run 0.8-1.0 min (12 steps of ~2.1 s),
-       evaluating a trained model 0.6 min; not yet run whole. Plain GRPO's training reward was still
-       rising at step 12 there (0.06 to 0.42).
+       x n = 256. About 10.4 minutes on an H200 from a one-seed run's stages (README: the start's
+       evaluation 1.3 min, a run 0.8-1.0 min, a trained model's evaluation 0.6 min); not yet run
+       whole. Plain's training reward was still rising at step 12 there (0.06 to 0.42).
 """
 
 import dataclasses
@@ -335,11 +333,14 @@ def run_all(plan: Plan):
     # The starting model first: its evaluation also checks the held-out prompts against the model's
     # context (check_context), which should fail in a minute, not after an hour of training.
     evaluate_one(0, *evals[0])
-    for i, ((arm, s), cfg) in enumerate(runs.items()):
-        print(f"[1/3] train {labels[arm]}, seed {s} ({i + 1} of {len(runs)}) -> {cfg.out_dir}")
-        timed(out, f"train {arm} seed {s}", lambda: train_stage(cfg))
-    for i, ev in enumerate(evals[1:], start=1):
-        evaluate_one(i, *ev)
+    for seed in plan.seeds:  # seed by seed: a run cut short leaves whole seeds, which --seeds k reports
+        for i, ((arm, s), cfg) in enumerate(runs.items()):
+            if s == seed:
+                print(f"[1/3] train {labels[arm]}, seed {s} ({i + 1} of {len(runs)}) -> {cfg.out_dir}")
+                timed(out, f"train {arm} seed {s}", lambda: train_stage(cfg))
+        for i, ev in enumerate(evals):
+            if ev[1] == seed:
+                evaluate_one(i, *ev)
     ks = results["start", None]["ks"]
     print("[3/3] statistics, plots and tables")
     report(plan, labels, start_label, runs, evals, results, ks)

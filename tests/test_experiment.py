@@ -216,6 +216,25 @@ def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny
     assert evaluated == [str(out / "seed1" / "eval_entropy")]
 
 
+def test_it_goes_seed_by_seed_and_reports_the_whole_seeds_of_a_run_cut_short(done, tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
+    order, real_timed = [], experiment.timed
+    monkeypatch.setattr(experiment, "timed", lambda o, stage, fn: order.append(stage) or real_timed(o, stage, fn))
+    experiment.main(argv_for(tiny_folder, out))  # everything done: only the order of the (skipped) stages is seen
+    assert order == ["start model", "evaluate start"] + [f"{what} {arm} seed {s}" for s in (0, 1)
+                                                         for what in ("train", "evaluate") for arm in ("plain", "entropy")]
+    # a run stopped during seed 1: --seeds 1 reports seed 0 from what is there, with no training or sampling
+    shutil.rmtree(out / "seed1" / "eval_entropy")
+    monkeypatch.setattr(train, "train", lambda cfg: pytest.fail(f"trained {cfg.out_dir}"))
+    monkeypatch.setattr(experiment, "evaluate", lambda *a, **k: pytest.fail("sampled"))
+    experiment.main(argv_for(tiny_folder, out, "--seeds", "1"))
+    results = json.load(open(out / "results.json"))
+    assert results["seeds"] == [0] and len(results["models"]) == 1 + 2
+    right = [json.loads(line)["correct"] for line in open(done / "seed0" / "eval_entropy" / "samples.jsonl")]
+    assert results["pass_at_k"]["GRPO + entropy advantage (alpha 0.4)"]["mean"][0] == pytest.approx(sum(right) / len(right))
+
+
 def test_a_gguf_start_becomes_a_folder_once(tiny_folder, tmp_path, monkeypatch):
     """A GGUF start is parsed once (about 20 s for SmolLM2's) into a folder in OUT, which every run
     and evaluation then loads; a folder made from another file of the same name is refused."""
