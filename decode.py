@@ -206,7 +206,11 @@ def cast_weights(model) -> dict:
 def decode_graph(model, n_rows: int, length: int, dtype) -> DecodeGraph:
     """The model's graph for this bucket: recorded on first use, then reused."""
     graphs = _GRAPHS.setdefault(model, {})
-    key = (*graph_bucket(n_rows, length), dtype)
+    device = model.device.type
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    # autocast is in the key: a graph recorded under it computes in its dtype and reads the cast
+    # copies, which load() refreshes only under autocast (a bfloat16 model's cache is bfloat16 both ways)
+    key = (*graph_bucket(n_rows, length), dtype, amp)
     if key not in graphs:
         graphs[key] = DecodeGraph(model, key[0], key[1], dtype, record=model.device.type == "cuda")
     return graphs[key]

@@ -352,6 +352,25 @@ def test_static_path_under_autocast_casts_the_weights_once_per_call(prompts):
     assert (static.logprobs - before.logprobs).abs().max() > 0.1
 
 
+def test_a_graph_recorded_under_autocast_is_not_reused_without_it(prompts):
+    """A bfloat16 model's cache is bfloat16 with or without autocast, but a graph recorded under
+    autocast reads cast copies that only a call under autocast refreshes: a call without autocast
+    gets a graph of its own (decode_graph's key) and decodes with the weights as they are now."""
+    model = model_from_hf(tiny_hf_model("llama", vocab_size=len(_char_tok()))).to(torch.bfloat16).eval()
+    tok = _char_tok()
+    kw = dict(group_size=4, max_new_tokens=12, temperature=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample(model, tok, ["7*8=?", "1+1"], cuda_graph=True, **kw)
+    with torch.no_grad():
+        for layer in model.model.layers:  # in place, as an optimiser step does
+            layer.mlp.down_proj.weight.mul_(8.0)
+    static = sample(model, tok, ["7*8=?", "1+1"], cuda_graph=True, **kw)
+    eager = sample(model, tok, ["7*8=?", "1+1"], cuda_graph=False, **kw)
+    assert torch.equal(static.response_ids, eager.response_ids)
+    assert torch.allclose(static.logprobs, eager.logprobs, atol=1e-2)  # (stale copies: off by tenths)
+    assert len(decode._GRAPHS[model]) == 2
+
+
 def test_a_decode_step_under_autocast_casts_no_weights():
     """What a CUDA graph records under autocast (autocast's cache off): every op of one decode step,
     counted on a CPU. The weights come cast already (cast_weights) and each norm hands its
