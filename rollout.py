@@ -129,7 +129,7 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
     return zeros.masked_scatter(real, torch.cat(logps)), zeros.masked_scatter(real, torch.cat(ents))  # (N, R) each
 
 
-def pick_next_token(logits, temperature, top_p, top_k, generator, window=None, spare_rows=0):
+def pick_next_token(logits, temperature, top_p, top_k, generator, window=None, spare_rows=0, stopped=None):
     """(N, V) logits -> (N,) sampled token ids, and (N,) bool or None: whether each row's top-p set
     fitted in `window` (see nucleus_draw; None: no window was used). temperature 0 = greedy (argmax)."""
     if temperature == 0:
@@ -138,7 +138,7 @@ def pick_next_token(logits, temperature, top_p, top_k, generator, window=None, s
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        return nucleus_draw(logits, temperature, top_p, generator, window, spare_rows)
+        return nucleus_draw(logits, temperature, top_p, generator, window, spare_rows, stopped)
     logits = logits.float()
     if temperature != 1:
         logits = logits / temperature
@@ -150,7 +150,7 @@ def pick_next_token(logits, temperature, top_p, top_k, generator, window=None, s
 TOP_P_WINDOW, TOP_P_SPARE_ROWS = 64, 16
 
 
-def nucleus_draw(logits, temperature, top_p, generator, window=None, spare_rows=0):
+def nucleus_draw(logits, temperature, top_p, generator, window=None, spare_rows=0, stopped=None):
     """Top-p: draw from the smallest set of most likely tokens whose probability reaches top_p.
     Returns (N,) token ids and (N,) bool: did each row's set fit in the window (None without one).
 
@@ -166,8 +166,8 @@ def nucleus_draw(logits, temperature, top_p, generator, window=None, spare_rows=
     wrong, and says so in `fits`: sample() then draws that step again with the full sort and the
     same random numbers (it looks at `fits` when it next asks the device anything).
     Why spare rows: on a GPU "again" means a whole round of steps for every row, and the more rows,
-    the likelier one spills. So the `spare_rows` rows the window covers least are sorted whole too
-    ((spare_rows, V): cheap): up to that many spilled rows a step still draw right.
+    the likelier one spills. So the `spare_rows` rows the window covers least, `stopped` rows last,
+    are sorted whole too ((spare_rows, V): cheap): up to that many spilled rows a step draw right.
     """
     N, V = logits.shape
     z = logits.float() / temperature  # (N, V)
@@ -182,7 +182,8 @@ def nucleus_draw(logits, temperature, top_p, generator, window=None, spare_rows=
     mass = probs.sum(-1)  # (N,): the probability inside the window
     fits = mass > top_p  # the set closes inside the window
     if spare_rows:
-        rows = mass.topk(min(spare_rows, N), largest=False).indices  # (S,): the rows covered least
+        need = mass if stopped is None else mass.masked_fill(stopped, 2.0)  # (N,): stopped rows last in line
+        rows = need.topk(min(spare_rows, N), largest=False).indices  # (S,): the rows covered least
         top, order = z[rows].sort(dim=-1, descending=True)  # (S, V)
         token = token.index_copy(0, rows, _draw_in_order((top - lse[rows]).exp(), order, top_p, u[rows]))
         fits = fits.index_fill(0, rows, True)
@@ -293,7 +294,7 @@ def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperat
     record = ([], [], [])  # per step: tokens, log-probs, entropies, each (N,)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     spare = TOP_P_SPARE_ROWS if step.check_every > 1 else 0
-    draw = lambda logits, window: pick_next_token(logits[:, :n_real_vocab], temperature, top_p, top_k, generator, window, spare)  # noqa: E731
+    draw = lambda logits, window, done: pick_next_token(logits[:, :n_real_vocab], temperature, top_p, top_k, generator, window, spare, done)  # noqa: E731
     decode_round = functools.partial(_decode_round, step, record, draw, temperature, pad_id, stop_ids)
     window = TOP_P_WINDOW
     while True:
@@ -325,7 +326,7 @@ def _decode_round(step, record, draw, temperature, pad_id, stop_ids, logits, don
     for j in range(k):
         if j:
             logits = step(record[0][-1], done)  # (N, V)
-        token, fit = draw(logits, window)  # (N,)
+        token, fit = draw(logits, window, done)  # (N,)
         # The record is of the full softmax, the same one training's forward recomputes; only the
         # choice leaves out the padded vocabulary rows, by looking at a view without them.
         logp, ent = logprobs_and_entropy(logits, token, temperature)  # (N,), (N,)

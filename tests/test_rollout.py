@@ -173,6 +173,10 @@ def test_spare_rows_draw_right_where_sets_spill():
     assert fits.all() and torch.equal(token, full)
     token, fits = draw(window=64, spare_rows=1)  # one spare row: one of the two flat rows is still wrong
     assert (~fits).sum() == 1 and (~fits[[1, 4]]).sum() == 1 and torch.equal(token[fits], full[fits])
+    assert fits[4]  # (row 4 is the flatter: the spare row went to it)
+    # a row that stopped (its draw is thrown away) gets no spare row, however flat: now row 1 takes it
+    token, fits = draw(window=64, spare_rows=1, stopped=torch.tensor([False, False, False, False, True, False]))
+    assert fits.tolist() == [True, True, True, True, False, True] and torch.equal(token[[0, 1, 2, 3, 5]], full[[0, 1, 2, 3, 5]])
 
 
 @pytest.mark.parametrize("window, spare_rows, redone", [(64, 16, 0), (2, 16, 0), (2, 0, 1)])
