@@ -123,15 +123,15 @@ def accumulate_gradients(cfg, actor, critic, rollout: Rollout, t: Targets, rows:
     by the mini-batch's token count, so the gradients add up to its token-level mean whatever the split."""
     stats = Means()
     num_tokens = rollout.response_mask[rows].sum()  # the mini-batch's token count
-    tokens_per_row = rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]  # P + R, before trimming
     order = longest_first(rollout, rows)  # (n,) the mini-batch's rows
+    tokens_per_row = cut_width(rollout, order)  # the mini-batch's tokens a row, without shared padding: no micro-batch is wider
     m = 0
     while m < len(order):
         mb = order[m : m + plan.rows(tokens_per_row)]  # a micro-batch: rows of similar length
         part = rollout_rows(rollout, mb)  # ... without the columns that are padding in all of them
         part_targets = t.at(mb, part.response_ids.shape[1])
         width = part.prompt_ids.shape[1] + part.response_ids.shape[1]  # the tokens a row costs here
-        with plan.measure(len(mb), width, len(order), probe=actor is not None):
+        with plan.measure(len(mb), width, len(order), tokens_per_row, probe=actor is not None):
             if actor is not None:
                 actor_loss_backward(cfg, actor, part, part_targets, num_tokens, stats)
             if critic is not None:
@@ -235,12 +235,23 @@ def longest_first(r: Rollout, rows: slice) -> torch.Tensor:
         r.response_mask[rows].sum(-1).argsort(descending=True, stable=True)]
 
 
+def used_columns(r: Rollout, rows: torch.Tensor) -> tuple:
+    """(p0, R) for some rows ((n,) indices): the first prompt column one of them uses (left padding
+    before it) and the end of their longest answer (as rollout._pack cuts the rollout)."""
+    return int(r.prompt_mask[rows].any(0).nonzero().min()), int(r.response_mask[rows].any(0).nonzero().max()) + 1
+
+
+def cut_width(r: Rollout, rows: torch.Tensor) -> int:
+    """The tokens a row of rollout_rows(r, rows) has: P - p0 + R."""
+    p0, R = used_columns(r, rows)
+    return r.prompt_ids.shape[1] - p0 + R
+
+
 def rollout_rows(r: Rollout, rows: torch.Tensor) -> Rollout:
     """Some rows of a rollout ((n,) indices), as a Rollout without the columns that are padding in
     all of them: the prompts' shared left padding and the answers' shared right padding."""
+    p0, R = used_columns(r, rows)
     prompt_mask, response_mask = r.prompt_mask[rows], r.response_mask[rows]  # (n, P), (n, R)
-    p0 = int(prompt_mask.any(0).nonzero().min())  # the first column some prompt uses (left padding before it)
-    R = int(response_mask.any(0).nonzero().max()) + 1  # up to the longest answer (as rollout._pack cuts the rollout)
     return Rollout(r.prompt_ids[rows, p0:], prompt_mask[:, p0:], r.response_ids[rows, :R], response_mask[:, :R],
                    r.logprobs[rows, :R], r.entropies[rows, :R], r.stopped[rows], [r.texts[i] for i in rows.tolist()],
                    r.group_size)
@@ -297,8 +308,9 @@ class MicroBatchPlan:
     Why: a GPU wants the largest micro-batch that fits. On an H200, 128 rows x 128 tokens took 6.52 s
     in micro-batches of 8 rows, 1.09 s in micro-batches of 32 and 0.51 s in one of 128.
     auto on a GPU: the run's first training micro-batch (PROBE_ROWS rows) is also a probe: its peak
-    memory per token (P + R tokens a row), against the memory free, gives the most rows that fit in
-    MEMORY_SHARE of it. --recompute auto probes without recomputation, the faster way; if a whole
+    memory per token (a row's tokens without the padding its micro-batch shares), against the memory
+    free, gives the most rows of the mini-batch's width (cut_width) that fit in MEMORY_SHARE of it;
+    no micro-batch of the mini-batch is wider. --recompute auto probes without recomputation, the faster way; if a whole
     mini-batch would then not fit in one micro-batch, recomputation goes on and the probe is
     repeated. Should memory run out all the same, the micro-batch is halved and the mini-batch redone.
     auto on a CPU: CPU_MICRO_BATCH rows, and no recomputation (there it only cost time).
@@ -346,8 +358,9 @@ class MicroBatchPlan:
         return max(free, 0)
 
     @contextmanager
-    def measure(self, rows: int, tokens_per_row: int, mini_batch_rows: int, probe: bool):
-        """Around one micro-batch's forward and backward: with auto on a GPU, the first is the probe."""
+    def measure(self, rows: int, tokens_per_row: int, mini_batch_rows: int, mini_batch_width: int, probe: bool):
+        """Around one micro-batch's forward and backward: with auto on a GPU, the first is the probe.
+        rows x tokens_per_row: the micro-batch's size; the mini-batch's, for the recompute decision."""
         if not (probe and self.gpu and self.fixed is None and self.bytes_per_token is None):
             yield
             return
@@ -356,7 +369,7 @@ class MicroBatchPlan:
         torch.cuda.reset_peak_memory_stats()
         yield
         self.bytes_per_token = (torch.cuda.max_memory_allocated() - base) / (rows * tokens_per_row)
-        if self.recompute_auto and not self.recompute and self.rows(tokens_per_row) < mini_batch_rows:
+        if self.recompute_auto and not self.recompute and self.rows(mini_batch_width) < mini_batch_rows:
             self.set_recompute(True)  # a mini-batch would not fit in one micro-batch: recompute, and
             self.bytes_per_token = None  # measure again (the next micro-batch is a probe once more)
 

@@ -453,8 +453,9 @@ def test_update_is_the_same_whatever_the_micro_batch_and_equals_the_whole_loss(t
 def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(monkeypatch):
     """The GPU logic of MicroBatchPlan, with torch.cuda's memory counters faked: a probe of 8 rows x
     100 tokens that peaks 8 MB above its start costs 10 kB a token; with 1.25 GB free, 80% of it fits
-    1,000 rows of 100 tokens. A mini-batch of 2,000 rows then needs recomputation; of 500, not."""
-    for mini_batch_rows, expect_recompute in ((500, False), (2000, True)):
+    1,000 rows of 100 tokens. A mini-batch of 2,000 rows then needs recomputation; of 500, not; of 600
+    rows 200 tokens wide (the probe's micro-batch was narrower), it does: 500 rows of 200 fit."""
+    for mini_batch_rows, width, expect_recompute in ((500, 100, False), (2000, 100, True), (600, 200, True)):
         cuda = {"allocated": 10**9, "peak": 10**9 + 8 * 10**6}
         monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
         monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
@@ -470,7 +471,7 @@ def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(m
             p.grad = torch.zeros_like(p)  # ... and so do the gradients: nothing more to set aside
         plan = update.MicroBatchPlan(Config(), torch.device("cuda"), [update.Learner(net, opt, None)])
         assert plan.rows(100) == update.PROBE_ROWS and net.recomputing is False
-        with plan.measure(update.PROBE_ROWS, 100, mini_batch_rows, probe=True):
+        with plan.measure(update.PROBE_ROWS, 100, mini_batch_rows, width, probe=True):
             pass
         assert net.recomputing is expect_recompute and plan.recompute is expect_recompute
         if not expect_recompute:
