@@ -375,6 +375,38 @@ def test_a_graph_recorded_under_autocast_is_not_reused_without_it(prompts):
     assert len(decode._GRAPHS[model]) == 2
 
 
+@pytest.mark.parametrize("kind, amp", [("llama", torch.bfloat16), ("qwen2", torch.bfloat16), ("llama", torch.float16)])
+def test_cuda_graph_path_under_autocast_scores_like_a_full_forward(kind, amp, monkeypatch):
+    """train.py's way of sampling on a GPU (here too on a CPU, in its rounds of 8 steps): float32
+    weights under autocast (bfloat16; float16 on cards before compute capability 8.0), each step
+    reading projections cast once per call (Qwen's q/k/v biases too), top-p through the window. The
+    log-probs and entropies it records must be what a full forward under the same autocast gives
+    for the same tokens, rounding apart (measured on a CPU: 0.05 at most; copies left stale by the
+    weights' change between the calls: 2.6 and more), and no round spills (the final norm x 8 makes
+    the top-p sets small: the window's way, not the full sort's)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setitem(decode.CHECK_STOP_EVERY, device, 8)
+    rewinds, rewind = [], decode.DecodeGraph.rewind
+    monkeypatch.setattr(decode.DecodeGraph, "rewind", lambda graph, mark: rewinds.append(mark) or rewind(graph, mark))
+    model, tok = model_from_hf(tiny_hf_model(kind, vocab_size=len(_char_tok()))).to(device).eval(), _char_tok()
+    kw = dict(group_size=8, max_new_tokens=40, temperature=0.6, top_p=0.95, seed=3, cuda_graph=True)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)
+    for call in range(2):
+        if call:  # between the calls, as an optimiser step would (but larger): the graph must see it
+            g = torch.Generator(device).manual_seed(1)
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    for w in (layer.mlp.down_proj.weight, layer.self_attn.o_proj.weight):
+                        w.add_(torch.randn(w.shape, generator=g, device=device) * 2 * w.std())
+        with torch.autocast(device, dtype=amp), torch.no_grad():
+            r = sample(model, tok, ["7*8=?", "1+1", "12*12=?"], **kw)
+            logp, ent = score_responses(model, r, 0.6)
+        real = r.response_mask.bool()
+        assert (r.logprobs[real] - logp[real]).abs().max() < 0.25 and (r.entropies[real] - ent[real]).abs().max() < 0.25
+    assert rewinds == [] and len(decode._GRAPHS[model]) == 1
+
+
 def test_a_decode_step_under_autocast_casts_no_weights():
     """What a CUDA graph records under autocast (autocast's cache off): every op of one decode step,
     counted on a CPU. The weights come cast already (cast_weights) and each norm hands its
