@@ -1,6 +1,7 @@
 """train.py: it learns, it resumes exactly, it writes what it promises, it refuses bad settings."""
 
 import json
+import math
 import os
 import re
 
@@ -481,10 +482,13 @@ def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(m
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_short_run_on_cuda_uses_graphs_and_sizes_its_micro_batches(tmp_path, tiny_folder):
-    """The CUDA defaults end to end: graphs recorded once per bucket, a measured micro-batch."""
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_short_run_on_cuda_uses_graphs_and_sizes_its_micro_batches(tmp_path, tiny_folder, algo):
+    """The CUDA defaults end to end: graphs recorded once per bucket, a measured micro-batch; with
+    2 mini-batches, so that log pi_old is scored before the update (score_all), and PPO's critic."""
     train.train(tiny_config(tmp_path, tiny_folder, device="cuda", dtype="auto", steps=3, eval_problems=4,
-                            task="arith", max_new_tokens=8), reward_fn=is_digit)
+                            task="arith", max_new_tokens=8, mini_batches=2, algo=algo), reward_fn=is_digit)
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
+    assert len(rows) == 3 and all(r["skipped_updates"] == 0 for r in rows) and math.isfinite(rows[-1]["approx_kl"])  # (PPO: after its critic's warm-up)
     assert rows[-1]["cuda_graphs"] <= 2 and rows[-1]["graph_record_s"] > 0  # one bucket for training, one for evaluation
     assert all(r["micro_batch"] >= 1 for r in rows) and rows[-1]["micro_batch"] >= rows[0]["micro_batch"]
