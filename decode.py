@@ -212,7 +212,7 @@ def decode_graph(model, n_rows: int, length: int, dtype) -> DecodeGraph:
     # copies, which load() refreshes only under autocast (a bfloat16 model's cache is bfloat16 both ways)
     key = (*graph_bucket(n_rows, length), dtype, amp)
     if key not in graphs:
-        graphs[key] = DecodeGraph(model, key[0], key[1], dtype, record=model.device.type == "cuda")
+        graphs[key] = DecodeGraph(model, key[0], key[1], dtype, record=device == "cuda")
     return graphs[key]
 
 
