@@ -149,6 +149,31 @@ def pick_device(device=None) -> torch.device:
     return torch.device(device)
 
 
+def find_model(source: str = DEFAULT_MODEL) -> tuple:
+    """Where a checkpoint is, and what kind -> ("gguf", file), ("folder", path) or ("hub", id).
+    Reads no weights and makes no connection, so train.py calls it before anything slow starts:
+    a typo in --model costs a second, not a precision probe, a claimed folder and a W&B run."""
+    source = os.path.expanduser(str(source))
+    if source == DEFAULT_MODEL:
+        source = _smollm2_gguf()
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise ValueError(f"no such GGUF file: {source}")
+        return "gguf", source
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ValueError(f"{source} is a folder but holds no config.json: pass a Hugging Face model folder")
+        return "folder", source
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/", "~")):
+        return "hub", source  # whether the hub has it is known only when load_model asks
+    if os.sep in source or source.startswith("."):
+        raise ValueError(f"no such model folder: {source}")
+    raise ValueError(
+        f"unknown model '{source}': use '{DEFAULT_MODEL}', a hub id like Qwen/Qwen2.5-0.5B-Instruct, "
+        "a local model folder, or a .gguf file"
+    )
+
+
 def load_model(source: str = DEFAULT_MODEL, device=None, dtype=None):
     """Load a checkpoint into our Transformer. Returns (model, tokenizer), model in eval mode.
 
@@ -158,18 +183,12 @@ def load_model(source: str = DEFAULT_MODEL, device=None, dtype=None):
     """
     device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    source = os.path.expanduser(str(source))
-    if source == DEFAULT_MODEL:
-        source = _smollm2_gguf()
-    if source.endswith(".gguf"):
-        if not os.path.isfile(source):
-            raise ValueError(f"no such GGUF file: {source}")
+    kind, source = find_model(source)
+    if kind == "gguf":
         hf_model, tokenizer = _hf_load(os.path.dirname(source) or ".", gguf_file=os.path.basename(source))
-    elif os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, "config.json")):
-            raise ValueError(f"{source} is a folder but holds no config.json: pass a Hugging Face model folder")
+    elif kind == "folder":
         hf_model, tokenizer = _hf_load(source)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/", "~")):
+    else:
         try:  # a hub id: the local cache first, then (only if it answers) the hub itself
             hf_model, tokenizer = _hf_load(source, local_files_only=True)
         except OSError:
@@ -182,13 +201,6 @@ def load_model(source: str = DEFAULT_MODEL, device=None, dtype=None):
                 hf_model, tokenizer = _hf_load(source)
             except OSError as e:
                 raise ValueError(f"could not load '{source}' from the hub ({str(e).splitlines()[0]}); check the name") from None
-    elif os.sep in source or source.startswith("."):
-        raise ValueError(f"no such model folder: {source}")
-    else:
-        raise ValueError(
-            f"unknown model '{source}': use '{DEFAULT_MODEL}', a hub id like Qwen/Qwen2.5-0.5B-Instruct, "
-            "a local model folder, or a .gguf file"
-        )
     model = model_from_hf(hf_model.to(device=device, dtype=dtype)).eval()  # moved first: the weight layout is chosen by device
     del hf_model
     return model, tokenizer

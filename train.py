@@ -65,7 +65,7 @@ from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
 from grader import is_correct
 from flags import parse_args
 from metrics import MetricsLogger, Watch, plot_metrics
-from load import load_model
+from load import find_model, load_model
 from decode import graph_stats
 from rollout import Rollout, format_prompt, sample
 from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
@@ -293,6 +293,7 @@ def start_run(cfg: Config, problems=None) -> tuple:
     check_out_dir(cfg)
     check_resume(cfg)
     problems, held_out = load_tasks(cfg, problems)
+    find_model(cfg.resume or cfg.model)  # a missing model folder or file, before the lock, the logger and the probe
     claim_out_dir(cfg)
     log = MetricsLogger(cfg)  # metrics.jsonl, and --log's TensorBoard or W&B
     random.seed(cfg.seed)

@@ -179,6 +179,21 @@ def test_bad_input_is_refused_in_one_line(script, message, files, tmp_path, caps
     assert re.search(message, err), err
 
 
+def test_a_missing_model_is_refused_before_the_out_folder_is_touched(tmp_path, capsys):
+    """The model is the last check and comes before the folder's lock, the logger and the precision
+    probe: a typo in --model with --overwrite true must not clear the run that was there."""
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    for model, message in [(NO_MODEL, "no such model folder"), ("typo.gguf", "no such GGUF file"),
+                           ("smollm", "unknown model 'smollm'")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--model", model, "--out_dir", str(old), "--overwrite", "true", "--progress", "false"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in old.iterdir()) == ["metrics.jsonl"]  # no lock taken, nothing cleared
+
+
 def test_the_table_is_long_enough():
     assert len(CASES) >= 40
 
