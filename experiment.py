@@ -32,13 +32,12 @@ whole seeds, which the same command with --seeds k reports without training or s
   3. the report: passk.png (Pass@K per arm with its band, and each arm minus plain), curves.png (per
      step, mean over seeds and the range across seeds), results.md and results.json
 
-The intervals (bootstrap, function `bootstrap`): a replicate draws the seeds with replacement, then,
-independently for each drawn seed, the problems with replacement, and takes the mean over both of
-the per-problem Pass@K (the unbiased estimator from that problem's n samples). 2,000 replicates; the
-interval is their 2.5th and 97.5th percentiles. A difference between arms is bootstrapped paired:
-the same drawn seeds and problems for both arms, so what the arms share (problem difficulty, the
-seed's data order and sampling noise) cancels. The start model is evaluated once: its band is over
-problems only.
+The intervals (report.bootstrap): every seed answers the same problems, so a replicate draws the
+seeds with replacement and one set of problems with replacement for all of them, and averages the
+per-problem Pass@K (unbiased, from n samples); 2,000 replicates, the interval their 2.5th to 97.5th
+percentile. Differences are paired (the same draws for both arms: what they share cancels); the
+start, evaluated once, has a band over problems only. The verdict reads one K fixed in advance:
+K = 32 (report.ENDPOINT_K; n if smaller), the largest both sizes evaluate; other K only describe.
 
 OUT is runs/experiment/<algo>-<size> unless --out_dir says otherwise.
 
@@ -362,17 +361,18 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
     plot_passk(curves, diffs, ks, os.path.join(out, "passk.png"),
                f"Pass@K, {base.eval_problems} held-out {task} problems, n = {n}, {len(plan.seeds)} seeds (95% bootstrap band)")
     plot_training(folders, os.path.join(out, "curves.png"))
-    said = verdict(diffs, ks)
     levelled, levelling_record = levelling(folders[labels["plain"]])  # has plain's training reward levelled off?
-    md = (tables(curves, diffs, ks, n, stats) + f"\n\n{base.eval_problems} held-out `{task}` problems x {n} samples, "
+    answers = {label: [r for (a, _), r in results.items() if a == arm]  # each model's evaluations
+               for arm, label in zip(values, curves)}
+    md = (tables(curves, diffs, ks, n, stats, answers) + f"\n\n{base.eval_problems} held-out `{task}` problems x {n} samples, "
           f"temperature {EVAL_TEMPERATURE}, top-p {EVAL_TOP_P}, up to {base.max_new_tokens} new tokens. Each cell: the mean "
           f"over {len(plan.seeds)} seeds (the start: one evaluation) and problems, and its 95% bootstrap interval (seeds, "
-          f"then problems within each seed, resampled; differences paired). Entropy of word groups: {ENTROPY_PROBLEMS} "
+          f"then one set of problems for all of them, resampled; differences paired). Entropy of word groups: {ENTROPY_PROBLEMS} "
           f"problems x {ENTROPY_ANSWERS} answers per model, mean over seeds (count: tokens in all seeds). Each run: "
           f"{base.steps} steps of {base.prompts_per_step} prompts x {base.group_size} answers in {base.mini_batches} "
           f"mini-batches, lr {base.lr:g}, seeds {', '.join(map(str, plan.seeds))}. Total {sum(minutes.values()):.0f} minutes.\n\n"
           f"{levelled}\n\n"
-          f"Which K differ: {said}\n")
+          f"Verdict: {verdict(diffs, ks)}\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
     shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("alpha", "entropy_coef", "out_dir", "seed")}
