@@ -367,7 +367,7 @@ def report(plan: Plan, labels: dict, start_label: str, runs: dict, evals: list, 
     md = (tables(curves, diffs, ks, n, stats, answers) + f"\n\n{base.eval_problems} held-out `{task}` problems x {n} samples, "
           f"temperature {EVAL_TEMPERATURE}, top-p {EVAL_TOP_P}, up to {base.max_new_tokens} new tokens. Each cell: the mean "
           f"over {len(plan.seeds)} seeds (the start: one evaluation) and problems, and its 95% bootstrap interval (seeds, "
-          f"then one set of problems for all of them, resampled; differences paired). Entropy of word groups: {ENTROPY_PROBLEMS} "
+          f"and problems crossed with them, resampled; differences paired). Entropy of word groups: {ENTROPY_PROBLEMS} "
           f"problems x {ENTROPY_ANSWERS} answers per model, mean over seeds (count: tokens in all seeds). Each run: "
           f"{base.steps} steps of {base.prompts_per_step} prompts x {base.group_size} answers in {base.mini_batches} "
           f"mini-batches, lr {base.lr:g}, seeds {', '.join(map(str, plan.seeds))}. Total {sum(minutes.values()):.0f} minutes.\n\n"

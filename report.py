@@ -37,22 +37,23 @@ def bootstrap(values: torch.Tensor, draws: int = DRAWS, seed: int = 0, level: fl
 
     Seeds and problems are crossed: every seed answers the same Q problems. So one replicate draws S
     seeds with replacement and, once, Q problem indices with replacement, used for every drawn seed
-    (Owen's "pigeonhole" bootstrap of a crossed design); it averages that S x Q block. The interval is
-    the replicates' central `level` share. The draws depend only on (S, Q, draws, seed), so two arms
-    bootstrapped with the same seed use the same draws: bootstrapping their difference array is the
-    paired bootstrap of the difference.
+    (Owen's "pigeonhole" bootstrap of a crossed design); it averages that S x Q block. The interval
+    is the replicates' central `level` share. The draws depend only on (S, Q, draws, seed), so two
+    arms bootstrapped with the same seed use the same draws: bootstrapping their difference array is
+    the paired bootstrap of the difference.
     Why not draw problems independently per seed, as for a nested design: a problem's arm effect is
-    shared by the seeds, and independent draws average it away, so the interval comes out too narrow.
-    Why resample seeds too, though 2-3 seeds make only 3-10 distinct seed draws (and 2 halve the seed
-    variance): seeds differ (each trains its own models), and leaving them out ignores that. In a
-    one-off simulation (1,000 experiments a case; per-problem rates from Beta(0.36, 3.08), fitted to
-    the start's GPU Pass@K curve; the arm closing a share 0.1u, u ~ U(0, 2), of each problem's gap to
-    1, the same in every seed; K = 1) the 95% interval covered the true difference in 94-95% of the
-    experiments at 48 problems x 256 samples and 2-3 seeds (the nested draw 79-87%, problems alone
-    94%), and in 96-97% at 10 problems x 32 (problems alone 90-91%: few problems make a percentile
-    interval narrow). With a seed effect on the arm too (a logit shift N(0, 0.2) per seed) it covered
-    76-94%, problems alone 57-84%: a spread between seeds is more than 2-3 seeds can measure, and the
-    interval is then too narrow. tests/test_experiment.py reruns the 3-seed, 48-problem case.
+    shared by the seeds, and independent draws average it away, so the interval comes out too
+    narrow. Why resample seeds too, though 2-3 seeds make only 3-10 distinct seed draws (and 2 halve
+    the seed variance): seeds differ (each trains its own models), and leaving them out ignores
+    that. In a one-off simulation (1,000 experiments a case; per-problem rates from
+    Beta(0.36, 3.08), fitted to the start's GPU Pass@K curve; the arm closing a share 0.1u, u ~
+    U(0, 2), of each problem's gap to 1, the same in every seed; K = 1) the 95% interval covered the
+    true difference in 94-95% of the experiments at 48 problems x 256 samples and 2-3 seeds (the
+    nested draw 79-87%, problems alone 94%), and in 96-97% at 10 problems x 32 (problems alone
+    90-91%: few problems make a percentile interval narrow). With a seed effect on the arm too (a
+    logit shift N(0, 0.2) per seed) it covered 76-94%, problems alone 57-84%: a spread between seeds
+    is more than 2-3 seeds can measure, and the interval is then too narrow.
+    tests/test_experiment.py reruns the 3-seed, 48-problem case.
     Worked cases: one seed, problems [0, 0, 1]: a replicate's mean is j/3 with j ~ Binomial(3, 1/3),
     so 8/27 of the replicates are 0 and 1/27 are 1; the 90% interval is [0, 2/3]. Two seeds with
     problems [0, 1] each: a replicate is j/2 with j ~ Binomial(2, 1/2), whichever seeds are drawn.
@@ -174,21 +175,24 @@ def interval(c: dict, i: int) -> str:
 
 
 def tables(curves: dict, diffs: dict, ks: list, n: int, stats: dict, answers: dict) -> str:
-    """Markdown: Pass@K with intervals at powers of 2 beside each model's share of answers cut off at
-    the budget and mean length (answers: label -> its evaluations' summaries, one per seed), the
+    """Markdown: Pass@K with intervals at powers of 2 beside each model's share of answers cut off
+    at the budget and mean length (answers: label -> its evaluations' summaries, one per seed), the
     differences, entropy of pivotal and reflective tokens."""
     shown = default_ks(n)
     cols = [ks.index(k) for k in shown]
 
     def lengths(runs):  # fewer cut-off answers alone raise Pass@K: the confound, beside it
-        cut, length = (sum(r[key] for r in runs) / len(runs) for key in ("truncated", "mean_length"))
+        cut, length = (sum(r[k] for r in runs) / len(runs) for k in ("truncated", "mean_length"))
         return f"{100 * cut:.1f}% | {length:.1f}"
 
+    def row(label, c, last):  # last: the cut-off and length cells
+        return f"| {label} | " + " | ".join(interval(c, i) for i in cols) + f" | {last} |"
+
     head = " | ".join(f"pass@{k}" for k in shown)
-    lines = [f"| model | {head} | cut off at the budget | mean length (tokens) |", "|---|" + "---:|" * (len(shown) + 2)]
-    lines += [f"| {label} | " + " | ".join(interval(c, i) for i in cols) + f" | {lengths(answers[label])} |"
-              for label, c in curves.items()]
-    lines += [f"| {label} | " + " | ".join(interval(d, i) for i in cols) + " | | |" for label, d in diffs.items()]
+    lines = [f"| model | {head} | cut off at the budget | mean length (tokens) |",
+             "|---|" + "---:|" * (len(shown) + 2)]
+    lines += [row(label, c, lengths(answers[label])) for label, c in curves.items()]
+    lines += [row(label, d, "|") for label, d in diffs.items()]  # (differences: no lengths)
     lines += ["", "| model | pivotal tokens: mean entropy (count) | reflective | other | all |", "|---|---:|---:|---:|---:|"]
     for label, per_seed in stats.items():
         def cell(group):
@@ -224,6 +228,6 @@ def verdict(diffs: dict, ks: list) -> str:
     way = {"higher": "higher beyond", "lower": "lower beyond", "no": "no difference beyond"}
     said = [f"{label} {interval(d, ks.index(k))}, {way[differs(d, ks)['differs']]} its 95% interval"
             for label, d in diffs.items()]
-    return (f"at K = {k}, the endpoint fixed in advance: {'; '.join(said)}. The other K are description, not "
-            "tests. An arm with fewer answers cut off at the budget gains Pass@K from that alone: read it "
-            "beside the table's cut-off shares and mean lengths.")
+    return (f"at K = {k}, the endpoint fixed in advance: {'; '.join(said)}. The other K are "
+            "description, not tests. An arm with fewer answers cut off at the budget gains Pass@K "
+            "from that alone: read it beside the table's cut-off shares and mean lengths.")

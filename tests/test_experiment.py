@@ -34,15 +34,16 @@ def test_bootstrap_over_problems_matches_the_binomial_case():
 
 
 def test_bootstrap_resamples_seeds_and_the_same_problems_for_every_seed():
-    """Two seeds of one problem each, 0 and 1: only the seed draw varies, mean 0, 1/2, 1 with 1/4, 1/2, 1/4.
-    Two seeds whose problems are [0, 1] and [0, 1]: one problem draw serves both seeds, so a replicate is
-    j/2 with j ~ Binomial(2, 1/2) (drawn per seed it would be j/4, j ~ Binomial(4, 1/2)). A 2 x 3 case
-    against the enumeration of all 2^2 seed draws x 3^3 problem draws."""
+    """Two seeds of one problem each, 0 and 1: only the seed draw varies, mean 0, 1/2, 1 with 1/4,
+    1/2, 1/4. Two seeds whose problems are [0, 1] and [0, 1]: one problem draw serves both seeds, so
+    a replicate is j/2 with j ~ Binomial(2, 1/2) (drawn per seed it would be j/4, j ~ Binomial(4,
+    1/2)). A 2 x 3 case against the enumeration of all 2^2 seed draws x 3^3 problem draws."""
     b = report.bootstrap(torch.tensor([[[0.0]], [[1.0]]], dtype=torch.float64), draws=20000)
     assert shares(b["replicates"], [0, 0.5, 1]) == pytest.approx([0.25, 0.5, 0.25], abs=0.012)
     assert (b["low"][0], b["high"][0]) == (0.0, 1.0)
     b = report.bootstrap(torch.tensor([[[0.0], [1.0]], [[0.0], [1.0]]], dtype=torch.float64), draws=20000)
-    assert shares(b["replicates"], [0, 0.25, 0.5, 0.75, 1]) == pytest.approx([1 / 4, 0, 1 / 2, 0, 1 / 4], abs=0.012)
+    got = shares(b["replicates"], [0, 0.25, 0.5, 0.75, 1])
+    assert got == pytest.approx([1 / 4, 0, 1 / 2, 0, 1 / 4], abs=0.012)
     values = torch.tensor([[0.0, 0.3, 1.0], [0.1, 0.5, 0.9]], dtype=torch.float64)  # (S, Q)
     exact = {}
     for seeds in itertools.product(range(2), repeat=2):
@@ -54,12 +55,13 @@ def test_bootstrap_resamples_seeds_and_the_same_problems_for_every_seed():
 
 
 def test_the_crossed_interval_covers_a_known_difference_where_the_nested_one_did_not():
-    """Simulated experiments with a known truth, at the GPU size (3 seeds x 48 problems x 256 samples):
-    per-problem rates p ~ Beta(0.36, 3.08) (the start's GPU Pass@K curve), and the arm closing a share
-    0.1u, u ~ U(0, 2), of each problem's gap to 1, the same in every seed. At K = 1 the true difference
-    is E[0.1u(1 - p)] = 0.1 x 3.08 / 3.44. Over 1,000 experiments the crossed 95% interval covers it in
-    94.8% (Monte Carlo standard error 0.7 points at 95%), the old draw, problems independently per seed,
-    in 79.2% (s.e. 1.3 points): the bounds 90% and 87% are each more than 5 standard errors away."""
+    """Simulated experiments with a known truth, at the GPU size (3 seeds x 48 problems x 256
+    samples): per-problem rates p ~ Beta(0.36, 3.08) (the start's GPU Pass@K curve), and the arm
+    closing a share 0.1u, u ~ U(0, 2), of each problem's gap to 1, the same in every seed. At K = 1
+    the true difference is E[0.1u(1 - p)] = 0.1 x 3.08 / 3.44. Over 1,000 experiments the crossed
+    95% interval covers it in 94.8% (Monte Carlo standard error 0.7 points at 95%), the old draw,
+    problems independently per seed, in 79.2% (s.e. 1.3 points): the bounds 90% and 87% are each
+    more than 5 standard errors away."""
     import numpy as np
 
     def nested(values):  # the old draw: problems drawn independently for each drawn seed
@@ -73,7 +75,7 @@ def test_the_crossed_interval_covers_a_known_difference_where_the_nested_one_did
     rng = np.random.default_rng(0)
     p = rng.beta(0.36, 3.08, (Q, E))  # (Q, E): E experiments, each with its own problems
     q = p + 0.1 * rng.uniform(0, 2, (Q, E)) * (1 - p)  # the arm's rates, shared by the seeds
-    right = [rng.binomial(n, rate, (S, Q, E)) for rate in (q, p)]  # (S, Q, E) each: the arm's, plain's
+    right = [rng.binomial(n, rate, (S, Q, E)) for rate in (q, p)]  # (S, Q, E) each: arm, plain
     diff = torch.from_numpy((right[0] - right[1]) / n)  # (S, Q, E): the difference in Pass@1
     truth = 0.1 * 3.08 / 3.44
     crossed = old = 0
@@ -99,26 +101,34 @@ def test_a_paired_difference_cancels_what_the_arms_share():
 
 
 def test_the_verdict_reads_the_endpoint_k_only_and_the_table_shows_the_cut_off_answers():
-    """A difference beyond its interval at K = 1 only is no verdict: the endpoint is K = 32 (the largest
-    K when n is smaller); the table puts each model's cut-off share and mean length beside its Pass@K."""
+    """A difference beyond its interval at K = 1 only is no verdict: the endpoint is K = 32 (the
+    largest K when n is smaller); the table puts each model's cut-off share and mean length beside
+    its Pass@K."""
+    def interval(mean, low, high):  # lists over K
+        return {"mean": mean, "low": low, "high": high}
+
+    def runs(*cut_and_length):  # one evaluation summary per seed
+        return [{"truncated": cut, "mean_length": length} for cut, length in cut_and_length]
+
     ks = [1, 2, 4, 8, 16, 32, 64]
-    small_k_only = {"mean": [0.05] + [0.01] * 6, "low": [0.01] + [-0.1] * 6, "high": [0.09] + [0.1] * 6}
+    small_k_only = interval([0.05] + [0.01] * 6, [0.01] + [-0.1] * 6, [0.09] + [0.1] * 6)
     assert report.endpoint(ks) == 32 and report.endpoint(ks[:5]) == 16
     assert report.differs(small_k_only, ks) == {"endpoint_k": 32, "differs": "no"}
     said = report.verdict({"entropy minus plain": small_k_only}, ks)
-    assert said.startswith("at K = 32, the endpoint fixed in advance: entropy minus plain 0.010 [-0.100, 0.100], no "
-                           "difference beyond its 95% interval.") and "cut-off shares" in said
-    at_32 = {"mean": [0.0] * 5 + [0.2, 0.2], "low": [-0.1] * 5 + [0.1, -0.1], "high": [0.1] * 5 + [0.3, 0.3]}
+    assert said.startswith("at K = 32, the endpoint fixed in advance: entropy minus plain 0.010 "
+                           "[-0.100, 0.100], no difference beyond its 95% interval.")
+    assert "cut-off shares" in said
+    at_32 = interval([0.0] * 5 + [0.2] * 2, [-0.1] * 5 + [0.1, -0.1], [0.1] * 5 + [0.3] * 2)
     assert ", higher beyond its 95% interval" in report.verdict({"entropy minus plain": at_32}, ks)
-    below = {"mean": [-0.2] * 7, "low": [-0.3] * 7, "high": [-0.1] * 7}
+    below = interval([-0.2] * 7, [-0.3] * 7, [-0.1] * 7)
     assert report.differs(below, ks)["differs"] == "lower"
-    curve = {"mean": [0.1] * 7, "low": [0.0] * 7, "high": [0.2] * 7}
-    answers = {"plain": [{"truncated": 0.10, "mean_length": 80.0}, {"truncated": 0.06, "mean_length": 86.0}],
-               "entropy": [{"truncated": 0.02, "mean_length": 63.0}]}
-    md = report.tables({"plain": curve, "entropy": curve}, {"entropy minus plain": at_32}, ks, 64, {}, answers)
+    curve = interval([0.1] * 7, [0.0] * 7, [0.2] * 7)
+    answers = {"plain": runs((0.10, 80.0), (0.06, 86.0)), "entropy": runs((0.02, 63.0))}
+    md = report.tables({"plain": curve, "entropy": curve}, {"diff": at_32}, ks, 64, {}, answers)
     head, rule, plain, entropy, diff = md.splitlines()[:5]
-    assert head.endswith("| pass@64 | cut off at the budget | mean length (tokens) |") and rule.count("|") == 11
-    assert plain.endswith("| 8.0% | 83.0 |") and entropy.endswith("| 2.0% | 63.0 |") and diff.endswith("| | |")
+    assert head.endswith("| pass@64 | cut off at the budget | mean length (tokens) |")
+    assert rule.count("|") == 11 and diff.endswith("| | |")
+    assert plain.endswith("| 8.0% | 83.0 |") and entropy.endswith("| 2.0% | 63.0 |")
 
 
 def test_trend_is_the_common_slope_of_the_seeds_lines():
@@ -216,7 +226,7 @@ def test_writes_plots_tables_and_intervals_for_every_arm(done):
     assert "second_half" not in results["plain_reward"]
     md = open(done / "results.md").read()
     assert "pass@16" in md and "minus plain" in md and "by quarter of the steps" in md
-    assert "Verdict: at K = 16, the endpoint fixed in advance: " in md  # n = 16 here, under ENDPOINT_K
+    assert "Verdict: at K = 16, the endpoint fixed in advance: " in md  # n = 16 < ENDPOINT_K
     assert [d["endpoint_k"] for d in results["difference"].values()] == [16]
     plain = [json.load(open(done / f"seed{s}" / "eval_plain" / "summary.json")) for s in (0, 1)]
     row = next(line for line in md.splitlines() if line.startswith("| GRPO (alpha 0) |"))
