@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -149,7 +150,8 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
     mean response length (tokens), mean token entropy (nats, over all response tokens), the share of
     answers cut off by max_new_tokens, and correct_counts (per problem) for further statistics.
     With out_dir, also writes samples.jsonl, summary.json and passk.png there; `info` (model, task,
-    training step...) is stored in the summary as it is.
+    training step...) is stored in the summary as it is. On Ctrl-C the whole problems sampled so far
+    are written there, summary.json marked "partial", and KeyboardInterrupt is raised again.
     """
     import torch
 
@@ -161,7 +163,7 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
         pass_at_k(n, 0, k)  # raises a clear error for k > n before any sampling
     counts, records = [], []
     tokens = entropy_sum = truncated = 0.0
-    for batch, r in sample_problems(model, tokenizer, problems, s):
+    for batch, r in until_ctrl_c(sample_problems(model, tokenizer, problems, s)):
         lengths = r.response_mask.sum(-1)  # (N,) tokens per answer, the stop token included
         entropy_sums = (r.entropies * r.response_mask).sum(-1)  # (N,)
         tokens += lengths.sum().item()
@@ -177,9 +179,12 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
                                 "extracted": extract_answer(r.texts[j]), "correct": ok, "length": length,
                                 "mean_entropy": entropy_sums[j].item() / max(length, 1),
                                 "stopped": bool(r.stopped[j])})
+    done = problems[: len(counts)]  # every problem, unless a Ctrl-C stopped the sampling early
+    if not done:
+        raise KeyboardInterrupt  # nothing sampled, nothing to save
     per_problem = torch.tensor(counts, dtype=torch.float64) / n  # (Q,): the accuracy of each of the Q problems
     result = {
-        "n": n, "ks": ks, "num_problems": len(problems),
+        "n": n, "ks": ks, "num_problems": len(done),
         "pass_at_k": pass_at_k_curve(counts, n, ks),
         "accuracy": per_problem.mean().item(),
         # spread of per-problem accuracies / sqrt(number of problems): the error bar on Pass@1 that problem choice causes
@@ -188,11 +193,25 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
         "mean_entropy": entropy_sum / max(tokens, 1),
         "truncated": truncated / len(records),
         "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "grader": s.grader,
-        "correct_counts": counts, "problem_ids": [p.id for p in problems], **(info or {}),
+        "correct_counts": counts, "problem_ids": [p.id for p in done], **(info or {}),
     }
+    if len(done) < len(problems):  # a Ctrl-C: what was done is saved, marked partial, then we stop
+        result.update(partial=True, problems_asked=len(problems))
     if out_dir:
         save_results(result, records, out_dir)
+    if result.get("partial"):
+        saved = f"{len(done)} of {len(problems)} problems sampled, saved to {out_dir} (partial)"
+        raise KeyboardInterrupt(saved if out_dir else "")
     return result
+
+
+def until_ctrl_c(batches):
+    """Yield from `batches` until Ctrl-C, then stop without a word: evaluate() keeps the problems
+    sampled so far (the batch cut off mid-way is dropped), saves them, and raises the stop again."""
+    try:
+        yield from batches
+    except KeyboardInterrupt:
+        return
 
 
 def format_table(result: dict) -> str:
@@ -272,7 +291,7 @@ def _parse_ks(text: str) -> list:
     return ks
 
 
-def main(argv=None):
+def make_parser() -> OneLineParser:
     p = OneLineParser(description="Sample n answers per problem and report the unbiased Pass@K.")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub id, a model folder or a .gguf file")
     p.add_argument("--task", default="arith", help="arith[:LEVEL], gsm8k, math500, aime24, amc23, or a .jsonl/.json/.parquet file")
@@ -292,8 +311,18 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--cuda-graph", default="auto", help="auto | true | false: replay decode steps as CUDA graphs (auto: on CUDA)")
     p.add_argument("--out", default="out/eval", help="folder for samples.jsonl, summary.json, passk.png")
+    p.add_argument("--overwrite", default="false", choices=["true", "false"], type=str.lower,
+                   help="true: replace the results in --out (otherwise such a folder is refused)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="plot saved runs' Pass@K together; no model needed")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    # Ctrl-C and a kill save the problems sampled so far; SIGINT set explicitly, as Python leaves it
+    # ignored in a background job (`python evaluate.py &` from a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.compare:
             make_out_folder(args.out)
@@ -310,6 +339,10 @@ def main(argv=None):
         ks = default_ks(args.n) if args.k is None else _parse_ks(args.k)
         if ks[-1] > args.n:
             raise ValueError(f"--k {ks[-1]} exceeds --n {args.n}: Pass@K needs at least K samples per problem")
+        held = [f for f in ("summary.json", "samples.jsonl") if os.path.isfile(f"{args.out}/{f}")]
+        if held and args.overwrite != "true":  # results are never replaced unasked
+            raise ValueError(f"--out {args.out} holds an earlier evaluation ({', '.join(held)}): "
+                             "pass another --out, or --overwrite true to replace it")
         make_out_folder(args.out)  # now, not after the sampling: a bad --out must not cost the results
         problems = load_problems(args.task, args.split, args.limit, args.seed, args.question_field, args.answer_field)
         if not problems:
@@ -328,6 +361,9 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # one line, no traceback: what was saved, and where
+        print(f"\ninterrupted: {str(e) or 'nothing sampled yet, nothing saved'}", file=sys.stderr)
+        sys.exit(130)
     print(format_table(result))
     print(f"wrote samples.jsonl, summary.json and passk.png to {args.out}")
 

@@ -7,11 +7,13 @@ and hands it to these:
     Watch           reads each record and says in plain words what looks wrong, with the fix
     MetricsLogger   appends it to metrics.jsonl (the record of truth), and with --log to TensorBoard or W&B
     plot_metrics()  plots.png from metrics.jsonl, at the end of a run (experiment.py's curves.png too)
+    summarise()     summary.json from metrics.jsonl's evaluations at the start and the end
 """
 
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 
 # -----------------------------------------------------------------------------------------------
@@ -69,6 +71,12 @@ def log_metrics(out_dir: str, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(out_dir: str) -> list:
+    """metrics.jsonl's rows; none when a run ended before its first (--steps 0, no evaluation)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    return [json.loads(line) for line in open(path) if line.strip()] if os.path.isfile(path) else []
+
+
 class MetricsLogger:
     """log(record) writes metrics.jsonl and, with --log, the same numbers to TensorBoard or W&B.
 
@@ -120,8 +128,7 @@ class MetricsLogger:
 
 def plot_metrics(out_dir: str):
     """plots.png: reward, entropy, response length and psi/|A| over steps (+ the critic's, for PPO)."""
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
-    train = [r for r in rows if r.get("kind") == "train"]
+    train = [r for r in read_metrics(out_dir) if r.get("kind") == "train"]
     if not train:
         return
     panels = [("reward", "reward (mean)"), ("entropy", "token entropy (nats)"), ("length", "response length (tokens)"),
@@ -159,3 +166,26 @@ def plot_panels(path: str, panels: list, lines: dict, rows: int = 1):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summarise(cfg, minutes: float, ckpt_dir: str) -> dict:
+    """summary.json, written and returned; with evaluations at the start and the end, the change in
+    standard errors. Both are read from metrics.jsonl's eval rows, the record of truth, so a run
+    stopped and resumed into its folder still compares its end with its start."""
+    evals = {r["step"]: r for r in read_metrics(cfg.out_dir) if r["kind"] == "eval"}  # step -> row
+    first, last = evals.get(0), evals.get(cfg.steps)
+    summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir}
+    if last is not None:
+        summary.update(final_accuracy=last["accuracy"], final_se=last["accuracy_se"])
+    if first is not None and last is not None:
+        # two independent proportions: the standard error of their difference
+        se = math.sqrt(first["accuracy_se"] ** 2 + last["accuracy_se"] ** 2)
+        summary.update(start_accuracy=first["accuracy"], start_se=first["accuracy_se"], diff_se=se)
+        diff = last["accuracy"] - first["accuracy"]
+        print(f"held-out pass@1 {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
+              f"(difference {diff:+.3f}, {(diff / se if se else 0):.1f} standard errors)")
+    print(f"done in {minutes:.1f} min; checkpoint in {ckpt_dir}, metrics and plots.png in "
+          f"{cfg.out_dir}")
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

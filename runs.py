@@ -214,6 +214,16 @@ def claim_out_dir(cfg):
         f.write(str(os.getpid()))
 
 
+def resume_hint(cfg) -> str:
+    """After a Ctrl-C outside the steps (while loading or evaluating): what to run next."""
+    ckpt = os.path.join(cfg.out_dir, "checkpoint")
+    if os.path.isfile(os.path.join(ckpt, "trainer_state.pt")):
+        return f"the last checkpoint is whole: continue with --resume {ckpt}"
+    if cfg.resume or not os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
+        return "no checkpoint was saved: run the same command again"
+    return f"no checkpoint was saved: start again with --overwrite true (it clears {cfg.out_dir})"
+
+
 def release_out_dir(cfg):
     try:
         os.remove(os.path.join(cfg.out_dir, LOCK))
@@ -223,7 +233,8 @@ def release_out_dir(cfg):
 
 def check_resume(cfg):
     """A checkpoint folder train.py wrote, of the same model and algorithm: those two cannot change
-    mid-run (the weights and the optimiser state belong to them). Every other flag given now applies."""
+    mid-run (the weights and the optimiser state belong to them), and with steps left to run (or its
+    final evaluation, when that was cut short). Every other flag given now applies."""
     if not cfg.resume:
         return
     old = os.path.normpath(cfg.resume) + ".old"
@@ -241,6 +252,16 @@ def check_resume(cfg):
         if saved.get(key) != getattr(cfg, key):
             raise ValueError(f"--resume {cfg.resume} continues a run of --{key} {saved.get(key)}; it cannot switch to "
                              f"--{key} {getattr(cfg, key)}: start a new run (no --resume) for that")
+    # a finished run (its summary.json written) has nothing left to do: resumed, it would only
+    # evaluate again, log a second final row and write a new summary over the first. A run stopped
+    # in its final evaluation may finish it. (mmap: the step is read, not the optimiser state.)
+    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), mmap=True, weights_only=False)
+    step, run_dir = state["step"], os.path.dirname(os.path.normpath(cfg.resume))
+    finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
+    if step > cfg.steps or (step == cfg.steps and finished):
+        raise ValueError(f"--resume {cfg.resume}: that run is at step {step}, "
+                         f"{'past' if step > cfg.steps else 'finished at'} --steps {cfg.steps}; "
+                         f"to train it further pass --steps N with N > {step}")
 
 
 def keep_metrics_up_to(out_dir: str, step: int):

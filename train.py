@@ -64,12 +64,12 @@ from cli import check_context
 from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
 from grader import is_correct
 from flags import parse_args
-from metrics import MetricsLogger, Watch, plot_metrics
+from metrics import MetricsLogger, Watch, plot_metrics, summarise
 from load import find_model, load_model
 from decode import graph_stats
 from rollout import Rollout, format_prompt, sample
 from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
-                  release_out_dir, restore, save_checkpoint)
+                  release_out_dir, restore, resume_hint, save_checkpoint)
 from update import Learner, MicroBatchPlan, make_learners, reference_model, score_before_update, update
 
 # -----------------------------------------------------------------------------------------------
@@ -227,10 +227,25 @@ def compute_advantages(cfg, rollout: Rollout, rewards, values=None):
 def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None):
     """Run cfg.steps steps; returns a summary dict. reward_fn(text, problem) -> float defaults to
     is_correct against the problem's gold answer. model/tokenizer/problems can be passed in (tests)."""
-    # 0) every check, the problems, the folder, the seeds, the precision: all before the model loads
+    # 0) every check, the problems, the seeds, the precision: all before the folder and the model
     given, cfg = cfg, resolve_defaults(cfg)
-    problems, held_out, log, precision = start_run(cfg, problems)
+    problems, held_out, precision = start_run(cfg, problems)
+    claim_out_dir(cfg)  # the folder's lock: from here on, every way out releases it
+    log = None
+    try:
+        log = MetricsLogger(cfg)  # metrics.jsonl, and --log's TensorBoard or W&B
+        return run_steps(cfg, given, problems, held_out, log, precision, reward_fn, model,
+                         tokenizer)
+    except KeyboardInterrupt:  # while loading or evaluating (in the steps it saves and exits)
+        print(f"\ninterrupted: {resume_hint(cfg)}")
+        raise SystemExit(130)
+    finally:
+        end_run(cfg, log)
 
+
+def run_steps(cfg: Config, given: Config, problems, held_out, log, precision, reward_fn, model,
+              tokenizer) -> dict:
+    """train()'s work once the folder is ours: the model, the steps, the final evaluation."""
     # 1) the model (weights stay float32: Adam's small updates vanish in bfloat16), its optimiser,
     #    PPO's critic, the KL reference; a resumed run's optimiser and RNG state
     if model is None:
@@ -242,7 +257,8 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     start, skipped_steps = restore(cfg, actor, critic) if cfg.resume else (0, 0)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
     t0, watch = time.time(), Watch(cfg)
-    first = evaluate_held_out(cfg, actor, tokenizer, held_out, start, log) if held_out and start == 0 else None
+    if held_out and start == 0:
+        evaluate_held_out(cfg, actor, tokenizer, held_out, start, log)
 
     # 2) the loop: one call per arrow of the pipeline
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not cfg.progress, initial=start, total=cfg.steps)
@@ -275,40 +291,39 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
     except KeyboardInterrupt:
         print(f"\ninterrupted: saving a checkpoint at step {step} to {ckpt_dir}")
         save_checkpoint(ckpt_dir, given, step, model, tokenizer, actor, critic, skipped_steps)
-        end_run(cfg, log)
         raise SystemExit(130)
-    # 3) the end: a checkpoint, the held-out evaluation against the start's, summary.json, plots.png
+    # 3) the end: a checkpoint, the held-out evaluation against the start's, summary.json
     save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped_steps)
     minutes = (time.time() - t0) / 60  # the training's time, without the final evaluation
-    last = evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log) if held_out else None
-    summary = summarise(cfg, minutes, ckpt_dir, first, last)
-    end_run(cfg, log)
-    return summary
+    if held_out:
+        evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log)
+    return summarise(cfg, minutes, ckpt_dir)
 
 
 def start_run(cfg: Config, problems=None) -> tuple:
-    """What train() does before the model loads -> (problems, held-out problems, logger, precision).
-    Every check first, so a bad value costs a second, not a model load; then the folder's lock."""
+    """What train() does before it takes the folder -> (problems, held-out problems, precision).
+    Every check first, so a bad value costs a second, not a model load."""
     check_config(cfg)
     check_out_dir(cfg)
     check_resume(cfg)
     problems, held_out = load_tasks(cfg, problems)
     find_model(cfg.resume or cfg.model)  # a missing model folder or file, before the lock, the logger and the probe
-    claim_out_dir(cfg)
-    log = MetricsLogger(cfg)  # metrics.jsonl, and --log's TensorBoard or W&B
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     precision = choose_precision(cfg.device, cfg.dtype)  # on a CPU with --dtype auto: a second of timed matmuls
     print(precision.describe(cfg.dtype))
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # alpha and critic_lr as resolved
-    return problems, held_out, log, precision
+    return problems, held_out, precision
 
 
 def end_run(cfg: Config, log):
-    """At the end, or on Ctrl-C: plots.png from metrics.jsonl, the logger closed, the folder's lock released."""
-    plot_metrics(cfg.out_dir)
-    log.close()
-    release_out_dir(cfg)
+    """On every way out: plots.png from metrics.jsonl, the logger closed, the lock freed."""
+    try:
+        plot_metrics(cfg.out_dir)
+        if log is not None:
+            log.close()
+    finally:
+        release_out_dir(cfg)
 
 
 def step_record(cfg: Config, step: int, rollout: Rollout, rewards, targets, stats: dict, model) -> dict:
@@ -350,25 +365,6 @@ def evaluate_held_out(cfg: Config, actor: Learner, tokenizer, held_out: list, st
     return res
 
 
-def summarise(cfg: Config, minutes: float, ckpt_dir: str, first: dict | None, last: dict | None) -> dict:
-    """summary.json, written and returned; with evaluations at the start and the end, the change in
-    standard errors."""
-    summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir}
-    if last is not None:
-        summary.update(final_accuracy=last["accuracy"], final_se=last["accuracy_se"])
-    if first is not None and last is not None:
-        # two independent proportions: the standard error of their difference
-        se = math.sqrt(first["accuracy_se"] ** 2 + last["accuracy_se"] ** 2)
-        summary.update(start_accuracy=first["accuracy"], start_se=first["accuracy_se"], diff_se=se)
-        diff = last["accuracy"] - first["accuracy"]
-        print(f"held-out pass@1 {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
-              f"(difference {diff:+.3f}, {(diff / se if se else 0):.1f} standard errors)")
-    print(f"done in {minutes:.1f} min; checkpoint in {ckpt_dir}, metrics and plots.png in {cfg.out_dir}")
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
-
-
 def main(argv=None):
     """The command line: one line naming the fix and exit code 2 for any bad input, no traceback."""
     try:
@@ -381,7 +377,10 @@ def main(argv=None):
             names = {f.name for f in dataclasses.fields(Config)}
             cfg = Config(**{k: v for k, v in json.load(open(path)).items() if k in names})
         cfg = dataclasses.replace(cfg, **overrides)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves a checkpoint too, like Ctrl-C
+        # Ctrl-C and a kill save a checkpoint. SIGINT is set too: Python leaves it ignored in a
+        # background job (`python train.py &` from a script)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         return train(cfg)
     except ValueError as e:  # our own clear messages (bad option, preset, task, model, folder, ...)
         print(f"error: {e}", file=sys.stderr)
