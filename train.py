@@ -43,7 +43,8 @@ Our choices, and where we simplify against the paper (its Appendix B):
      `critic_warmup` steps that train only the critic. Simpler than veRL: one value per token from the
      same micro-batches, no separate critic mini-batch schedule, no value-head dropout.
   8. Training runs in float32 weights with bfloat16 autocast where the processor is faster at it
-     (CUDA, CPUs with native bf16), float32 otherwise; the choice is printed at start.
+     (CUDA, CPUs with native bf16 matmuls: AVX512-BF16 or AMX), float32 otherwise, decided by what
+     the processor is, never by a timing; the choice is printed at start and kept in summary.json.
 """
 
 import dataclasses
@@ -83,6 +84,8 @@ class Config:
     resume: str = ""  # a checkpoint folder to continue from (its saved config is the base)
     overwrite: bool = False  # replace the run already in out_dir (otherwise it is refused, never mixed)
     save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
+    keep_optimizer: bool = False  # keep the optimiser state in the final checkpoint too (twice the
+    #                               weights' size), so --resume ... --steps N can extend the finished run
     progress: bool = True  # tqdm bars
     log: str = ""  # also log to "tensorboard" (in out_dir/tensorboard) or "wandb" (offline); "" = metrics.jsonl only
     # --- model
@@ -278,10 +281,11 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
         end_run(cfg, log)
         raise SystemExit(130)
     # 3) the end: a checkpoint, the held-out evaluation against the start's, summary.json, plots.png
-    save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped_steps)
+    save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped_steps,
+                    resumable=cfg.keep_optimizer)
     minutes = (time.time() - t0) / 60  # the training's time, without the final evaluation
     last = evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log) if held_out else None
-    summary = summarise(cfg, minutes, ckpt_dir, first, last)
+    summary = summarise(cfg, precision, minutes, ckpt_dir, first, last)
     end_run(cfg, log)
     return summary
 
@@ -293,13 +297,13 @@ def start_run(cfg: Config, problems=None) -> tuple:
     check_out_dir(cfg)
     check_resume(cfg)
     problems, held_out = load_tasks(cfg, problems)
-    find_model(cfg.resume or cfg.model)  # a missing model folder or file, before the lock, the logger and the probe
+    find_model(cfg.resume or cfg.model)  # a missing model folder or file, before the lock and the logger
     claim_out_dir(cfg)
     log = MetricsLogger(cfg)  # metrics.jsonl, and --log's TensorBoard or W&B
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    precision = choose_precision(cfg.device, cfg.dtype)  # on a CPU with --dtype auto: a second of timed matmuls
-    print(precision.describe(cfg.dtype))
+    precision = choose_precision(cfg.device, cfg.dtype)  # on a CPU with --dtype auto: its bf16 instructions
+    print(precision.describe())
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # alpha and critic_lr as resolved
     return problems, held_out, log, precision
 
@@ -350,10 +354,12 @@ def evaluate_held_out(cfg: Config, actor: Learner, tokenizer, held_out: list, st
     return res
 
 
-def summarise(cfg: Config, minutes: float, ckpt_dir: str, first: dict | None, last: dict | None) -> dict:
+def summarise(cfg: Config, precision, minutes: float, ckpt_dir: str, first: dict | None,
+              last: dict | None) -> dict:
     """summary.json, written and returned; with evaluations at the start and the end, the change in
     standard errors."""
-    summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir}
+    summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir,
+               "device": str(precision.device), "precision": precision.name}  # e.g. "bfloat16 autocast"
     if last is not None:
         summary.update(final_accuracy=last["accuracy"], final_se=last["accuracy_se"])
     if first is not None and last is not None:
