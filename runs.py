@@ -135,15 +135,15 @@ def fields_of(cfg) -> dict:
 # Checkpoints, and one run per folder
 
 
-def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic: Learner | None = None, skipped_steps=0,
-                    resumable=True):
+def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic: Learner | None = None, skipped_steps=0):
     """A folder transformers can load (config.json, model.safetensors, tokenizer), plus our state.
 
-    resumable: with what a resume needs besides the weights, the optimiser state and PPO's critic
-    (its weights and optimiser). AdamW keeps two numbers per weight, so that is twice the model's
-    size, and more with a critic: train.py keeps it in the final checkpoint only with
-    --keep_optimizer, and in every intermediate one (--save_every, Ctrl-C), which exists to resume.
-    trainer_state.pt holds tensors and plain values only, so a resume reads it with weights_only.
+    What a resume needs besides the weights, the optimiser state and PPO's critic (its weights and
+    optimiser), is kept in every checkpoint before the last step (--save_every, Ctrl-C), which exists
+    to resume; the final one (step cfg.steps) keeps it only with --keep_optimizer: AdamW keeps two
+    numbers per weight, so that is twice the model's size, more with a critic, and a finished run
+    is mostly used for its weights. trainer_state.pt holds tensors and plain values only, so a
+    resume reads it with weights_only.
 
     Written into folder + ".tmp" and renamed into place only when complete: a save interrupted
     (a second Ctrl-C, a full disk) leaves the previous checkpoint whole. cfg is saved as given, with
@@ -154,6 +154,7 @@ def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic:
     # python's RNG state is a tuple (version, 625 ints, gauss): plain values, as weights_only wants
     state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
              "skipped_steps": skipped_steps}
+    resumable = step < cfg.steps or cfg.keep_optimizer
     if resumable:
         state.update(optimizer=actor.optimizer.state_dict(), scaler=actor.scaler.state_dict())
     if resumable and critic is not None:

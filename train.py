@@ -281,8 +281,7 @@ def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None
         end_run(cfg, log)
         raise SystemExit(130)
     # 3) the end: a checkpoint, the held-out evaluation against the start's, summary.json, plots.png
-    save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped_steps,
-                    resumable=cfg.keep_optimizer)
+    save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped_steps)
     minutes = (time.time() - t0) / 60  # the training's time, without the final evaluation
     last = evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log) if held_out else None
     summary = summarise(cfg, precision, minutes, ckpt_dir, first, last)
