@@ -9,8 +9,8 @@ around it, in the order train() uses it:
     load_tasks()              the training problems and the held-out ones, never the same
     batches_of_problems()     each step's prompts, in an order a resumed run repeats
     check_resume(), restore() continue a run from its checkpoint, exactly where it stopped
-    save_checkpoint()         a folder transformers can load, plus the RNG state and, to resume from,
-                              the optimiser's (a run's final checkpoint: only with --keep_optimizer)
+    save_checkpoint()         a folder transformers can load, plus the RNG state and, to resume
+                              from, the optimiser's (a final checkpoint: only with --keep_optimizer)
 
 What a run reports while it runs (metrics.jsonl, warnings, plots) is metrics.py. Each function here
 takes train.py's Config as `cfg` where it needs settings.
@@ -138,12 +138,12 @@ def fields_of(cfg) -> dict:
 def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic: Learner | None = None, skipped_steps=0):
     """A folder transformers can load (config.json, model.safetensors, tokenizer), plus our state.
 
-    What a resume needs besides the weights, the optimiser state and PPO's critic (its weights and
-    optimiser), is kept in every checkpoint before the last step (--save_every, Ctrl-C), which exists
-    to resume; the final one (step cfg.steps) keeps it only with --keep_optimizer: AdamW keeps two
-    numbers per weight, so that is twice the model's size, more with a critic, and a finished run
-    is mostly used for its weights. trainer_state.pt holds tensors and plain values only, so a
-    resume reads it with weights_only.
+    What a resume needs besides the weights, the optimiser state and PPO's critic (its weights
+    and optimiser), is kept in every checkpoint before the last step (--save_every, Ctrl-C), which
+    exists to resume; the final one (step cfg.steps) keeps it only with --keep_optimizer: AdamW
+    keeps two numbers per weight, so that is twice the model's size, more with a critic, and a
+    finished run is mostly used for its weights. trainer_state.pt holds tensors and plain values
+    only, so a resume reads it with weights_only.
 
     Written into folder + ".tmp" and renamed into place only when complete: a save interrupted
     (a second Ctrl-C, a full disk) leaves the previous checkpoint whole. cfg is saved as given, with
@@ -255,22 +255,25 @@ def check_resume(cfg):
         if saved.get(key) != getattr(cfg, key):
             raise ValueError(f"--resume {cfg.resume} continues a run of --{key} {saved.get(key)}; it cannot switch to "
                              f"--{key} {getattr(cfg, key)}: start a new run (no --resume) for that")
-    state = read_trainer_state(cfg.resume, mmap=True, map_location="cpu")  # mmap: the tensors stay on disk
+    # mmap: the tensors stay on disk, only the structure is read
+    state = read_trainer_state(cfg.resume, mmap=True, map_location="cpu")
     if "optimizer" not in state:
-        raise ValueError(f"--resume {cfg.resume}: a final checkpoint has no optimiser state (unless trained with "
-                         f"--keep_optimizer true): start a new run from its weights with --model {cfg.resume}, "
-                         "or train it again with --keep_optimizer true")
+        raise ValueError(f"--resume {cfg.resume}: a final checkpoint has no optimiser state "
+                         "(unless trained with --keep_optimizer true): start a new run from its weights "
+                         f"with --model {cfg.resume}, or train it again with --keep_optimizer true")
 
 
 def read_trainer_state(folder: str, **load_options) -> dict:
     """trainer_state.pt, read as tensors and plain values only (weights_only): unpickling any other
     object runs code its author chose, and checkpoints get shared."""
     try:
-        return torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True, **load_options)
+        path = os.path.join(folder, "trainer_state.pt")
+        return torch.load(path, weights_only=True, **load_options)
     except pickle.UnpicklingError:
-        raise ValueError(f"--resume {folder}: its trainer_state.pt holds pickled objects, not only tensors and "
-                         "plain values, and loading them could run any code: resume only from checkpoints "
-                         f"train.py wrote, or start a new run from its weights with --model {folder}") from None
+        raise ValueError(f"--resume {folder}: its trainer_state.pt holds pickled objects, "
+                         "not only tensors and plain values, and loading them could run any "
+                         "code: resume only from checkpoints train.py wrote, or start a new run "
+                         f"from its weights with --model {folder}") from None
 
 
 def keep_metrics_up_to(out_dir: str, step: int):

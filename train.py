@@ -84,8 +84,8 @@ class Config:
     resume: str = ""  # a checkpoint folder to continue from (its saved config is the base)
     overwrite: bool = False  # replace the run already in out_dir (otherwise it is refused, never mixed)
     save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
-    keep_optimizer: bool = False  # keep the optimiser state in the final checkpoint too (twice the
-    #                               weights' size), so --resume ... --steps N can extend the finished run
+    keep_optimizer: bool = False  # keep the optimiser state in the final checkpoint too (twice
+    #                               the weights' size), so --resume ... --steps N can extend the run
     progress: bool = True  # tqdm bars
     log: str = ""  # also log to "tensorboard" (in out_dir/tensorboard) or "wandb" (offline); "" = metrics.jsonl only
     # --- model
@@ -301,7 +301,7 @@ def start_run(cfg: Config, problems=None) -> tuple:
     log = MetricsLogger(cfg)  # metrics.jsonl, and --log's TensorBoard or W&B
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    precision = choose_precision(cfg.device, cfg.dtype)  # on a CPU with --dtype auto: its bf16 instructions
+    precision = choose_precision(cfg.device, cfg.dtype)  # on a CPU: by its bf16 instructions
     print(precision.describe())
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # alpha and critic_lr as resolved
     return problems, held_out, log, precision
@@ -358,7 +358,7 @@ def summarise(cfg: Config, precision, minutes: float, ckpt_dir: str, first: dict
     """summary.json, written and returned; with evaluations at the start and the end, the change in
     standard errors."""
     summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir,
-               "device": str(precision.device), "precision": precision.name}  # e.g. "bfloat16 autocast"
+               "device": str(precision.device), "precision": precision.name}
     if last is not None:
         summary.update(final_accuracy=last["accuracy"], final_se=last["accuracy_se"])
     if first is not None and last is not None:
