@@ -259,8 +259,9 @@ def check_resume(cfg):
     state = read_trainer_state(cfg.resume, mmap=True, map_location="cpu")
     if "optimizer" not in state:
         raise ValueError(f"--resume {cfg.resume}: a final checkpoint has no optimiser state "
-                         "(unless trained with --keep_optimizer true): start a new run from its weights "
-                         f"with --model {cfg.resume}, or train it again with --keep_optimizer true")
+                         "(unless trained with --keep_optimizer true): start a new run from its "
+                         f"weights with --model {cfg.resume}, or train it again with "
+                         "--keep_optimizer true")
 
 
 def read_trainer_state(folder: str, **load_options) -> dict:
