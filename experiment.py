@@ -236,7 +236,7 @@ def train_stage(cfg: Config):
 # Stage 2: n samples per held-out problem, the same problems for every model
 
 
-def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, precision: dict) -> dict:
+def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, precision) -> dict:
     """Evaluate one model into folder (samples.jsonl, summary.json, entropy_stats.json), or read the
     summary back when it is there, made with the same settings, and newer than the model it measures.
     (Unlike training, an evaluation is cheap to redo: other settings simply replace it.)"""
@@ -244,7 +244,8 @@ def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, prec
     task = cfg.eval_task or cfg.task  # as train.py: the test split of the training task unless told otherwise
     ks = sorted({round(2 ** (j / 4)) for j in range(4 * int(math.log2(n)) + 1)} | set(default_ks(n)) | {n})  # 1..n, even on log x
     wanted = {"n": n, "ks": ks, "num_problems": cfg.eval_problems, "max_new_tokens": cfg.max_new_tokens,
-              "temperature": EVAL_TEMPERATURE, "top_p": EVAL_TOP_P, "task": task, "seed": seed, "label": label}
+              "temperature": EVAL_TEMPERATURE, "top_p": EVAL_TOP_P, "task": task, "seed": seed, "label": label,
+              "precision": precision.name}  # one made in another precision is redone
     # (the label names the model; a changed --model or alpha is refused earlier, by the training stages)
     summary, stats_file = os.path.join(folder, "summary.json"), os.path.join(folder, "entropy_stats.json")
     model_file = os.path.join(source, "model.safetensors")  # a checkpoint retrained since makes its evaluation stale
@@ -256,16 +257,14 @@ def eval_stage(label: str, source: str, plan: Plan, seed: int, folder: str, prec
     problems = held_out_problems(cfg)  # the base seed's: one problem set for every seed and arm
     if len(problems) < cfg.eval_problems:  # arith:1 has ~30 test problems: ask for fewer rather than mislabel
         raise ValueError(f"{task} has only {len(problems)} test problems: pass --eval_problems {len(problems)}")
-    if not precision:  # decided once, as train.py does: float32 weights, autocast where it is faster
-        precision["chosen"] = choose_precision(cfg.device, cfg.dtype)
-    model, tokenizer = load_model(source, device=precision["chosen"].device, dtype=torch.float32)
+    model, tokenizer = load_model(source, device=precision.device, dtype=torch.float32)
     check_context(model, tokenizer, problems, cfg.max_new_tokens, "--max_new_tokens")  # lengths vs the model's context
     graphs = cuda_graph_option(cfg.cuda_graph, cfg.device)
-    with precision["chosen"].autocast():
+    with precision.autocast():
         settings = EvalSettings(n=n, ks=ks, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, max_new_tokens=cfg.max_new_tokens,
                                 batch_prompts=cfg.eval_batch, seed=seed, cuda_graph=graphs, progress=cfg.progress)
-        result = evaluate(model, tokenizer, problems, settings, out_dir=folder,
-                          info={"label": label, "task": task, "seed": seed, "source": source})
+        info = dict(label=label, task=task, seed=seed, source=source, precision=precision.name)
+        result = evaluate(model, tokenizer, problems, settings, out_dir=folder, info=info)
         # token by token, for entropy_view's word groups (evaluate keeps only each answer's mean entropy)
         answers = sample_answers(model, tokenizer, problems[:ENTROPY_PROBLEMS], dataclasses.replace(settings, n=ENTROPY_ANSWERS))
     with open(stats_file, "w") as f:
@@ -318,7 +317,7 @@ def run_all(plan: Plan):
     plan = dataclasses.replace(plan, base=dataclasses.replace(base, model=timed(out, "start model", lambda: start_model(base))))
     base = plan.base
     runs = {(arm, s): run_config(plan, arm, s) for s in plan.seeds for arm in plan.arms}
-    precision, results = {}, {}
+    precision, results = choose_precision(base.device, base.dtype), {}  # train.py's choice, once
     evals = [("start", None, base.model, os.path.join(out, "eval_start"))]
     evals += [(arm, s, os.path.join(cfg.out_dir, "checkpoint"), os.path.join(out, f"seed{s}", f"eval_{arm}")) for (arm, s), cfg in runs.items()]
 

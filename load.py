@@ -152,7 +152,7 @@ def pick_device(device=None) -> torch.device:
 def find_model(source: str = DEFAULT_MODEL) -> tuple:
     """Where a checkpoint is, and what kind -> ("gguf", file), ("folder", path) or ("hub", id).
     Reads no weights and makes no connection, so train.py calls it before anything slow starts:
-    a typo in --model costs a second, not a precision probe, a claimed folder and a W&B run."""
+    a typo in --model costs a second, not a claimed folder and a W&B run."""
     source = os.path.expanduser(str(source))
     if source == DEFAULT_MODEL:
         source = _smollm2_gguf()

@@ -168,13 +168,14 @@ def plot_panels(path: str, panels: list, lines: dict, rows: int = 1):
     plt.close(fig)
 
 
-def summarise(cfg, minutes: float, ckpt_dir: str) -> dict:
+def summarise(cfg, precision, minutes: float, ckpt_dir: str) -> dict:
     """summary.json, written and returned; with evaluations at the start and the end, the change in
     standard errors. Both are read from metrics.jsonl's eval rows, the record of truth, so a run
     stopped and resumed into its folder still compares its end with its start."""
     evals = {r["step"]: r for r in read_metrics(cfg.out_dir) if r["kind"] == "eval"}  # step -> row
     first, last = evals.get(0), evals.get(cfg.steps)
-    summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir}
+    summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir,
+               "device": str(precision.device), "precision": precision.name}
     if last is not None:
         summary.update(final_accuracy=last["accuracy"], final_se=last["accuracy_se"])
     if first is not None and last is not None:

@@ -9,7 +9,8 @@ around it, in the order train() uses it:
     load_tasks()              the training problems and the held-out ones, never the same
     batches_of_problems()     each step's prompts, in an order a resumed run repeats
     check_resume(), restore() continue a run from its checkpoint, exactly where it stopped
-    save_checkpoint()         a folder transformers can load, plus the optimiser and RNG state
+    save_checkpoint()         a folder transformers can load, plus the RNG state and, to resume
+                              from, the optimiser's (a final checkpoint: only with --keep_optimizer)
 
 What a run reports while it runs (metrics.jsonl, warnings, plots) is metrics.py. Each function here
 takes train.py's Config as `cfg` where it needs settings.
@@ -18,9 +19,9 @@ takes train.py's Config as `cfg` where it needs settings.
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -46,12 +47,15 @@ class Precision:
         """A fresh autocast context (a no-op in float32). train.py, experiment.py and update.py use it."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
-    def describe(self, dtype: str) -> str:
-        """The line train.py prints at start; dtype: the --dtype asked for."""
-        amp = self.amp_dtype
-        return (f"device {self.device}, precision: {str(amp)[6:] + ' autocast' if amp else 'float32'}"
-                f"{' (measured faster here)' if dtype == 'auto' and self.device.type == 'cpu' and amp else ''}"
-                f"{', gradient scaler' if amp == torch.float16 else ''}")
+    @property
+    def name(self) -> str:
+        """"float32" or e.g. "bfloat16 autocast": what summary.json records."""
+        return f"{str(self.amp_dtype)[6:]} autocast" if self.amp_dtype else "float32"
+
+    def describe(self) -> str:
+        """The line train.py prints at start."""
+        scaler = ", gradient scaler" if self.amp_dtype == torch.float16 else ""
+        return f"device {self.device}, precision: {self.name}{scaler}"
 
 
 def choose_precision(device: str, dtype: str) -> Precision:
@@ -64,8 +68,10 @@ def choose_precision(device: str, dtype: str) -> Precision:
     but overflows past 65504, which the forward avoids where it matters (norms, softmax and the
     loss run in float32) and the scaler handles for gradients. Below 7.0 (P100, K80) float32:
     without tensor cores float16 buys no speed, only the overflow risk.
-    CPUs differ wildly: with native bf16 (AVX512-BF16, AMX) a bf16 matmul is 2-3x faster than
-    float32; on an AVX2-only CPU it was 7x *slower*. So on CPU we time one second of matmuls.
+    CPUs differ wildly, and the processor's features decide, never a timing (a timing taken under
+    load picks otherwise than one taken idle, and the same command then gives other numbers): with
+    native bfloat16 matmuls (AVX512-BF16 or AMX) bfloat16 autocast was about 2x faster than float32
+    on an AMX Xeon; without them (an AVX2-only CPU) about 7x *slower*, so float32 there.
     (float16 on a CPU is there to be asked for, --dtype float16, not picked: few CPUs are fast at it.)
     """
     device = pick_device(device)
@@ -74,17 +80,14 @@ def choose_precision(device: str, dtype: str) -> Precision:
     if device.type == "cuda":
         major = torch.cuda.get_device_capability(device)[0]
         return Precision(device, torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else None)
-    a, b = torch.randn(256, 576), torch.randn(576, 1536)
+    return Precision(device, torch.bfloat16 if cpu_multiplies_bfloat16() else None)
 
-    def rate(x, y):
-        x @ y  # warm-up
-        t, n = time.perf_counter(), 0
-        while time.perf_counter() - t < 0.5:
-            x @ y
-            n += 1
-        return n / (time.perf_counter() - t)
 
-    return Precision(device, torch.bfloat16 if rate(a.bfloat16(), b.bfloat16()) > 1.3 * rate(a, b) else None)
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU has native bfloat16 matmul instructions, AVX512-BF16 or AMX (torch's own
+    checks; a torch without them: False, float32)."""
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in names)
 
 # -----------------------------------------------------------------------------------------------
 # The problems: which ones train, which ones are held out
@@ -135,15 +138,26 @@ def fields_of(cfg) -> dict:
 def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic: Learner | None = None, skipped_steps=0):
     """A folder transformers can load (config.json, model.safetensors, tokenizer), plus our state.
 
+    What a resume needs besides the weights, the optimiser state and PPO's critic (its weights
+    and optimiser), is kept in every checkpoint before the last step (--save_every, Ctrl-C), which
+    exists to resume; the final one (step cfg.steps) keeps it only with --keep_optimizer: AdamW
+    keeps two numbers per weight, so that is twice the model's size, more with a critic, and a
+    finished run is mostly used for its weights. trainer_state.pt holds tensors and plain values
+    only, so a resume reads it with weights_only.
+
     Written into folder + ".tmp" and renamed into place only when complete: a save interrupted
     (a second Ctrl-C, a full disk) leaves the previous checkpoint whole. cfg is saved as given, with
     alpha and critic_lr unset where they were, so a resume re-derives them."""
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier interrupted save
     save_pretrained(model, tokenizer, tmp)
-    state = {"step": step, "optimizer": actor.optimizer.state_dict(), "scaler": actor.scaler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "skipped_steps": skipped_steps}
-    if critic is not None:
+    # python's RNG state is a tuple (version, 625 ints, gauss): plain values, as weights_only wants
+    state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "skipped_steps": skipped_steps}
+    resumable = step < cfg.steps or cfg.keep_optimizer
+    if resumable:
+        state.update(optimizer=actor.optimizer.state_dict(), scaler=actor.scaler.state_dict())
+    if resumable and critic is not None:
         state.update(critic=critic.net.state_dict(), critic_optimizer=critic.optimizer.state_dict(),
                      critic_scaler=critic.scaler.state_dict())
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -252,16 +266,35 @@ def check_resume(cfg):
         if saved.get(key) != getattr(cfg, key):
             raise ValueError(f"--resume {cfg.resume} continues a run of --{key} {saved.get(key)}; it cannot switch to "
                              f"--{key} {getattr(cfg, key)}: start a new run (no --resume) for that")
+    # mmap: the tensors stay on disk, only the structure is read (the step, which keys are there)
+    state = read_trainer_state(cfg.resume, mmap=True, map_location="cpu")
     # a finished run (its summary.json written) has nothing left to do: resumed, it would only
     # evaluate again, log a second final row and write a new summary over the first. A run stopped
-    # in its final evaluation may finish it. (mmap: the step is read, not the optimiser state.)
-    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), mmap=True, weights_only=False)
+    # in its final evaluation may finish it.
     step, run_dir = state["step"], os.path.dirname(os.path.normpath(cfg.resume))
     finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
     if step > cfg.steps or (step == cfg.steps and finished):
         raise ValueError(f"--resume {cfg.resume}: that run is at step {step}, "
                          f"{'past' if step > cfg.steps else 'finished at'} --steps {cfg.steps}; "
                          f"to train it further pass --steps N with N > {step}")
+    if "optimizer" not in state and step < cfg.steps:  # steps to train need the optimiser's moments
+        raise ValueError(f"--resume {cfg.resume}: a final checkpoint has no optimiser state "
+                         "(unless trained with --keep_optimizer true): start a new run from its "
+                         f"weights with --model {cfg.resume}, or train it again with "
+                         "--keep_optimizer true")
+
+
+def read_trainer_state(folder: str, **load_options) -> dict:
+    """trainer_state.pt, read as tensors and plain values only (weights_only): unpickling any other
+    object runs code its author chose, and checkpoints get shared."""
+    try:
+        path = os.path.join(folder, "trainer_state.pt")
+        return torch.load(path, weights_only=True, **load_options)
+    except pickle.UnpicklingError:
+        raise ValueError(f"--resume {folder}: its trainer_state.pt holds pickled objects, "
+                         "not only tensors and plain values, and loading them could run any "
+                         "code: resume only from checkpoints train.py wrote, or start a new run "
+                         f"from its weights with --model {folder}") from None
 
 
 def keep_metrics_up_to(out_dir: str, step: int):
@@ -277,13 +310,14 @@ def keep_metrics_up_to(out_dir: str, step: int):
 def restore(cfg, actor: Learner, critic: Learner | None = None) -> tuple:
     """Load a checkpoint's optimiser, RNG and critic state -> (step, skipped_steps). The flags given
     now win: the learning rates and weight decay are set on the restored optimisers."""
-    state = torch.load(os.path.join(cfg.resume, "trainer_state.pt"), weights_only=False)
-    actor.optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):  # float16 runs only: the gradient scaler's current factor
-        actor.scaler.load_state_dict(state["scaler"])
+    state = read_trainer_state(cfg.resume)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    if critic is not None:
+    if "optimizer" in state:  # not in a final checkpoint: then only its cut-short final evaluation is left
+        actor.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # float16 runs only: the gradient scaler's current factor
+        actor.scaler.load_state_dict(state["scaler"])
+    if critic is not None and "critic" in state:
         critic.net.load_state_dict(state["critic"])
         critic.optimizer.load_state_dict(state["critic_optimizer"])
         if state.get("critic_scaler"):

@@ -43,7 +43,8 @@ Our choices, and where we simplify against the paper (its Appendix B):
      `critic_warmup` steps that train only the critic. Simpler than veRL: one value per token from the
      same micro-batches, no separate critic mini-batch schedule, no value-head dropout.
   8. Training runs in float32 weights with bfloat16 autocast where the processor is faster at it
-     (CUDA, CPUs with native bf16), float32 otherwise; the choice is printed at start.
+     (CUDA, CPUs with native bf16 matmuls: AVX512-BF16 or AMX), float32 otherwise, decided by what
+     the processor is, never by a timing; the choice is printed at start and kept in summary.json.
 """
 
 import dataclasses
@@ -83,6 +84,8 @@ class Config:
     resume: str = ""  # a checkpoint folder to continue from (its saved config is the base)
     overwrite: bool = False  # replace the run already in out_dir (otherwise it is refused, never mixed)
     save_every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
+    keep_optimizer: bool = False  # keep the optimiser state in the final checkpoint too (twice
+    #                               the weights' size), so --resume ... --steps N can extend the run
     progress: bool = True  # tqdm bars
     log: str = ""  # also log to "tensorboard" (in out_dir/tensorboard) or "wandb" (offline); "" = metrics.jsonl only
     # --- model
@@ -297,7 +300,7 @@ def run_steps(cfg: Config, given: Config, problems, held_out, log, precision, re
     minutes = (time.time() - t0) / 60  # the training's time, without the final evaluation
     if held_out:
         evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log)
-    return summarise(cfg, minutes, ckpt_dir)
+    return summarise(cfg, precision, minutes, ckpt_dir)
 
 
 def start_run(cfg: Config, problems=None) -> tuple:
@@ -307,11 +310,11 @@ def start_run(cfg: Config, problems=None) -> tuple:
     check_out_dir(cfg)
     check_resume(cfg)
     problems, held_out = load_tasks(cfg, problems)
-    find_model(cfg.resume or cfg.model)  # a missing model folder or file, before the lock, the logger and the probe
+    find_model(cfg.resume or cfg.model)  # a missing model folder or file, before the lock and the logger
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    precision = choose_precision(cfg.device, cfg.dtype)  # on a CPU with --dtype auto: a second of timed matmuls
-    print(precision.describe(cfg.dtype))
+    precision = choose_precision(cfg.device, cfg.dtype)  # on a CPU: by its bf16 instructions
+    print(precision.describe())
     print("config:", json.dumps(dataclasses.asdict(cfg)))  # alpha and critic_lr as resolved
     return problems, held_out, precision
 

@@ -1,6 +1,7 @@
 """experiment.py: the bootstrap against worked cases; end to end on a tiny model with two seeds, fair
 between its arms, resumable, and strict about settings."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 import experiment
 import report
 import train
+from grader import is_correct
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
@@ -286,17 +288,44 @@ def test_a_rerun_skips_finished_stages_and_resumes_an_interrupted_run(done, tiny
     monkeypatch.setattr(experiment, "evaluate", lambda *a, **k: pytest.fail("re-evaluated"))
     experiment.main(argv_for(tiny_folder, out))
     assert json.load(open(out / "results.json"))["pass_at_k"] == json.load(open(done / "results.json"))["pass_at_k"]
-    # 2) seed 1's entropy run lost its summary (as after a Ctrl-C): it alone resumes from its checkpoint,
-    #    and only its evaluation, now older than the checkpoint, is redone
+    # 2) seed 1's entropy run stopped by a Ctrl-C in step 2 (its checkpoint at step 1, no summary): it
+    #    alone resumes from its checkpoint, and only its evaluation, now older than the checkpoint, is redone
     monkeypatch.undo()
-    os.remove(out / "seed1" / "entropy" / "summary.json")
+    graded = []
+
+    def ctrl_c_in_step_2(text, problem):  # step 1 grades 4 prompts x 8 answers
+        graded.append(text)
+        if len(graded) > 32:
+            raise KeyboardInterrupt
+        return float(is_correct(text, problem.answer))
+
+    cfg = experiment.run_config(experiment.parse(argv_for(tiny_folder, out)), "entropy", 1)
+    with pytest.raises(SystemExit):
+        train.train(dataclasses.replace(cfg, overwrite=True), reward_fn=ctrl_c_in_step_2)
     resumed, evaluated = [], []
     real_train, real_evaluate = train.train, experiment.evaluate
     monkeypatch.setattr(train, "train", lambda cfg: resumed.append(cfg.resume) or real_train(cfg))
     monkeypatch.setattr(experiment, "evaluate", lambda *a, **k: evaluated.append(k["out_dir"]) or real_evaluate(*a, **k))
     experiment.main(argv_for(tiny_folder, out))
     assert resumed == [str(out / "seed1" / "entropy" / "checkpoint")]
+    assert [json.loads(l)["step"] for l in open(out / "seed1" / "entropy" / "metrics.jsonl")] == [1, 2]
     assert evaluated == [str(out / "seed1" / "eval_entropy")]
+
+
+def test_an_evaluation_made_in_another_precision_is_redone(done, tiny_folder, tmp_path, monkeypatch):
+    """Every model of an experiment is evaluated in the start's precision: a summary that records
+    another (an experiment continued on another machine) is evaluated again, and the new one says so."""
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
+    path = out / "seed0" / "eval_plain" / "summary.json"
+    assert json.load(open(path))["precision"] == "float32"
+    json.dump({**json.load(open(path)), "precision": "bfloat16 autocast"}, open(path, "w"))
+    evaluated, real_evaluate = [], experiment.evaluate
+    monkeypatch.setattr(experiment, "evaluate", lambda *a, **k: evaluated.append(k["out_dir"]) or real_evaluate(*a, **k))
+    monkeypatch.setattr(train, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
+    experiment.main(argv_for(tiny_folder, out))
+    assert evaluated == [str(out / "seed0" / "eval_plain")]
+    assert json.load(open(path))["precision"] == "float32"
 
 
 def test_it_goes_seed_by_seed_and_reports_the_whole_seeds_of_a_run_cut_short(done, tiny_folder, tmp_path, monkeypatch):

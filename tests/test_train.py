@@ -50,7 +50,7 @@ def test_one_step_changes_every_parameter(tmp_path, tiny_folder):
 def test_resume_continues_exactly(tmp_path, tiny_folder):
     reward = lambda text, p: float(len(text) % 3 == 0)  # noqa: E731
     train.train(tiny_config(tmp_path / "a", tiny_folder, steps=3), reward_fn=reward)
-    train.train(tiny_config(tmp_path / "b", tiny_folder, steps=1), reward_fn=reward)
+    train.train(tiny_config(tmp_path / "b", tiny_folder, steps=1, keep_optimizer=True), reward_fn=reward)
     b = tmp_path / "b" / "run"
     cfg = Config(**{**json.load(open(b / "checkpoint" / "train_config.json")), "resume": str(b / "checkpoint"), "steps": 3})
     train.train(cfg, reward_fn=reward)
@@ -83,7 +83,9 @@ def test_command_line_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path
         assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
     saved = json.load(open(ckpt / "train_config.json"))
     assert saved["steps"] == 2 and saved["group_size"] == 4
-    assert "optimizer" in torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert "optimizer" not in torch.load(ckpt / "trainer_state.pt", weights_only=True)  # a final one: no --keep_optimizer
+    summary = json.load(open(out / "summary.json"))
+    assert (summary["precision"], summary["device"]) == ("float32", "cpu")
 
 
 @pytest.mark.parametrize(
@@ -152,16 +154,17 @@ def test_ppo_learns_a_trivial_reward(tmp_path, tiny_folder):
 def test_ppo_command_line_run_and_resume_restore_the_critic(tmp_path, tiny_folder):
     out = tmp_path / "ppo"
     args = ["--model", tiny_folder, "--algo", "ppo", "--alpha", "0.1", "--prompts_per_step", "2", "--group_size", "4",
-            "--max_new_tokens", "6", "--eval_problems", "0", "--dtype", "float32", "--progress", "false", "--critic_warmup", "1"]
+            "--max_new_tokens", "6", "--eval_problems", "0", "--dtype", "float32", "--progress", "false", "--critic_warmup", "1",
+            "--keep_optimizer", "true"]  # the finished run is extended
     train.main(args + ["--out_dir", str(out), "--steps", "2"])
     assert os.path.getsize(out / "plots.png") > 1000
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert "critic" in state and "critic_optimizer" in state
     # resume: an uninterrupted 3-step run equals 2 steps + 1 resumed step, critic included
     train.main(args + ["--out_dir", str(tmp_path / "full"), "--steps", "3"])
     train.main(["--resume", str(out / "checkpoint"), "--steps", "3", "--out_dir", str(out)])
-    a = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=False)
-    b = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    b = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert a["step"] == b["step"] == 3
     for k in a["critic"]:
         assert torch.equal(a["critic"][k], b["critic"][k]), k
@@ -205,7 +208,7 @@ def test_a_non_finite_step_is_skipped_counted_and_warned(tmp_path, tiny_folder, 
     assert any("skipped" in w for w in rows[0]["warnings"])
     assert "update(s) skipped" in capsys.readouterr().out
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # never applied
-    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["skipped_steps"] == 2
+    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["skipped_steps"] == 2
 
 
 def test_defaults_follow_the_algorithm_and_are_printed(tmp_path, tiny_folder, capsys):
@@ -260,7 +263,7 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_folder, monkeypatch):
-    train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, keep_optimizer=True), reward_fn=is_digit)
     ckpt = tmp_path / "run" / "checkpoint"
     before = {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)}
 
@@ -280,7 +283,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny
 def test_a_save_cut_between_its_two_renames_names_the_whole_checkpoint(tmp_path, tiny_folder, capsys):
     """The old checkpoint is moved aside, then the new one moved in: cut in between, only
     checkpoint.old is there. --resume of the usual path says where the whole one is, and it resumes."""
-    train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, keep_optimizer=True), reward_fn=is_digit)
     ckpt = tmp_path / "run" / "checkpoint"
     os.rename(ckpt, str(ckpt) + ".old")
     with pytest.raises(SystemExit):
@@ -290,15 +293,68 @@ def test_a_save_cut_between_its_two_renames_names_the_whole_checkpoint(tmp_path,
     assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 2
 
 
+class Payload:
+    """An object pickled into a checkpoint: unpickling it runs its __reduce__, here a harmless
+    open(path, "w") that leaves a file behind; a shared checkpoint's could run anything."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_in_one_line(tmp_path, tiny_folder, capsys):
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, keep_optimizer=True), reward_fn=is_digit)
+    path = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)  # what train.py writes loads as tensors and plain values
+    ran = tmp_path / "the payload ran"
+    torch.save({**state, "x": Payload(str(ran))}, path)
+    capsys.readouterr()  # (the first run's output)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(path.parent), "--steps", "2", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds pickled objects" in err and f"--model {path.parent}" in err, err
+    assert not ran.exists()
+
+
+def test_a_final_checkpoint_keeps_the_weights_not_the_optimiser(tmp_path, tiny_folder, monkeypatch, capsys):
+    """An intermediate checkpoint (--save_every, Ctrl-C) keeps what a resume needs: the optimiser
+    state and PPO's critic; a final one keeps the weights, tokenizer and configs (twice smaller
+    and more for a real model), and a resume from it is refused in one line naming the fix."""
+    saved, save = [], train.save_checkpoint
+
+    def save_and_look(folder, *args, **kw):
+        save(folder, *args, **kw)
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+        saved.append((set(state), os.path.getsize(os.path.join(folder, "trainer_state.pt")),
+                      os.path.getsize(os.path.join(folder, "model.safetensors"))))
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_look)
+    train.train(tiny_config(tmp_path, tiny_folder, algo="ppo", critic_warmup=0, steps=2, save_every=1), reward_fn=is_digit)
+    (middle, middle_bytes, weights), *_, (final, final_bytes, _) = saved  # step 1's (--save_every), the final one
+    assert {"optimizer", "critic", "critic_optimizer"} <= middle
+    assert final == {"step", "torch_rng", "python_rng", "skipped_steps"}
+    assert final_bytes < 0.05 * middle_bytes and middle_bytes > 2 * weights  # AdamW: 2 numbers a weight; RNG 10 KB
+    ckpt, _ = tmp_path / "run" / "checkpoint", capsys.readouterr()
+    assert {"config.json", "model.safetensors", "train_config.json", "trainer_state.pt"} <= set(os.listdir(ckpt))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(ckpt), "--steps", "3", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no optimiser state" in err and f"--model {ckpt}" in err and "--keep_optimizer true" in err, err
+
+
 def test_resume_applies_new_flags_and_refuses_what_it_cannot_honour(tmp_path, tiny_folder, capsys):
-    train.train(tiny_config(tmp_path, tiny_folder, steps=1, kl_coef=0.1), reward_fn=is_digit)
+    train.train(tiny_config(tmp_path, tiny_folder, steps=1, kl_coef=0.1, keep_optimizer=True), reward_fn=is_digit)
     ckpt = str(tmp_path / "run" / "checkpoint")
     for flag, value in (("--model", "other-model"), ("--algo", "ppo")):
         with pytest.raises(SystemExit):
             train.main(["--resume", ckpt, flag, value])
         assert f"cannot switch to {flag} {value}" in capsys.readouterr().err
     train.main(["--resume", ckpt, "--steps", "2", "--lr", "0.5"])
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.5]
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
@@ -340,14 +396,65 @@ def test_a_prompt_beyond_the_context_is_refused_with_the_lengths(tmp_path, tiny_
 # --- precision, micro-batches and recomputation (issue 10) --------------------------------------
 
 
+def cpu_features(monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+def test_the_cpu_precision_never_depends_on_a_clock(monkeypatch):
+    """The same command, the same numbers: a CPU busy with other work (matmuls that look slow, here
+    a clock that runs on by a set time per call after the last matmul, by its dtype) or idle
+    (fast) gets the same precision; a probe timing bfloat16 against float32 picked bfloat16 in one
+    case and float32 in the other."""
+    import time
+
+    cpu_features(monkeypatch, False, False)
+    last, matmul = {}, torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: last.update(dtype=a.dtype) or matmul(a, b))
+    chosen = []
+    for bf16_seconds in (0.05, 0.5):  # a bfloat16 matmul 2x faster than float32's 0.1 s, then 5x slower
+        now = [0.0]
+
+        def clock():
+            now[0] += bf16_seconds if last.get("dtype") == torch.bfloat16 else 0.1
+            return now[0]
+
+        monkeypatch.setattr(time, "perf_counter", clock)
+        chosen.append(runs.choose_precision("cpu", "auto").amp_dtype)
+    assert chosen == [None, None]  # this CPU has no bfloat16 instructions: float32, however fast it looks
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "float32"), (True, False, "bfloat16 autocast"),
+                                                         (False, True, "bfloat16 autocast")])
+def test_the_cpu_precision_follows_its_bfloat16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    """bfloat16 autocast where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), else float32;
+    a --dtype given wins, and a torch without these checks gets float32."""
+    cpu_features(monkeypatch, avx512_bf16, amx)
+    assert runs.choose_precision("cpu", "auto").name == expected
+    assert runs.choose_precision("cpu", "float32").name == "float32"
+    assert runs.choose_precision("cpu", "bfloat16").name == "bfloat16 autocast"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runs.choose_precision("cpu", "auto").name == "float32"
+
+
+def test_the_precision_chosen_is_printed_and_kept_in_the_summary(tmp_path, tiny_folder, monkeypatch, capsys):
+    cpu_features(monkeypatch, False, True)  # an AMX Xeon
+    summary = train.train(tiny_config(tmp_path, tiny_folder, dtype="auto", steps=1), reward_fn=is_digit)
+    assert "device cpu, precision: bfloat16 autocast" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "run" / "summary.json")) == summary
+    assert (summary["device"], summary["precision"]) == ("cpu", "bfloat16 autocast")
+
+
 def test_float16_with_a_gradient_scaler_learns_on_cpu(tmp_path, tiny_folder):
     """--dtype float16 (what T4 and V100 get) runs the gradient-scaler path; CPUs run it too, so the
     suite tests it: the scaler's factor is saved with the checkpoint, and the model still learns."""
-    cfg = tiny_config(tmp_path, tiny_folder, dtype="float16", steps=30, lr=1e-2, max_new_tokens=1, group_size=8)
+    cfg = tiny_config(tmp_path, tiny_folder, dtype="float16", steps=30, lr=1e-2, max_new_tokens=1, group_size=8,
+                      keep_optimizer=True)
     train.train(cfg, reward_fn=is_digit)
     rewards = [json.loads(l)["reward"] for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
     assert sum(rewards[-3:]) / 3 > 0.9, rewards
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # an enabled scaler (a disabled one saves {})
 
 
