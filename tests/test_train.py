@@ -94,7 +94,7 @@ def test_command_line_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path
         (["--lr", "-1e-6"], "lr and --critic_lr must be positive"),
         (["--alpha", "-0.1"], "alpha must be >= 0"),
         (["--lerning_rate", "1e-6"], "unknown option '--lerning_rate'. Valid options: .*--lr"),
-        (["--steps", "ten"], "--steps expects a int, got 'ten'"),
+        (["--steps", "ten"], "--steps expects an int, got 'ten'"),
         (["--task", "no-such-task", "--model", "/nonexistent/folder"], "no such model folder|unknown task"),
         (["--resume", "/nonexistent"], "no train_config.json"),
     ],
