@@ -38,6 +38,16 @@ def masked_mean(x, mask, num_tokens=None):
 # -----------------------------------------------------------------------------
 # 1) GRPO: one advantage per response, from the rewards of its group
 
+def zero_spread(rewards, group_size):
+    """(N,) rewards -> (num_prompts,) bool: the groups whose rewards are all equal (max == min), of
+    any value. train.py counts them (zero_spread_groups); group_advantages gives them A = 0.
+
+    >>> zero_spread(torch.tensor([1., 1., 0.7, 0.7, 0., 1.]), group_size=2)
+    tensor([ True,  True, False])
+    """
+    r = rewards.view(-1, group_size)  # (num_prompts, G)
+    return r.amax(dim=1) == r.amin(dim=1)
+
 def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
     """(N,) rewards -> (N,) advantages, z-scored within each group of `group_size` consecutive rows.
 
@@ -45,9 +55,13 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
     std is Bessel-corrected (torch.std's default), as in veRL and TRL. scale_std=False is Dr. GRPO
     (Liu et al. 2025): only subtract the mean, since dividing by std up-weights groups that are nearly
     all right or all wrong. A group whose rewards are all equal gets A = 0: nothing to learn from it.
+    Exactly 0, set outright (zero_spread): in float32 the mean of eight rewards of 0.7 is not quite
+    0.7, and that rounding error over a std of 6e-8 (+ eps) would be an advantage of 0.06.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 0., 0.]), group_size=4)
     tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.8660,  0.8660, -0.8660, -0.8660])
+    >>> group_advantages(torch.full((4,), 0.7), group_size=4)
+    tensor([0., 0., 0., 0.])
     """
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 to compare answers within a group (got {group_size}); "
@@ -59,6 +73,8 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-6):
     adv = r - r.mean(dim=1, keepdim=True)
     if scale_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    # equal rewards: 0, not the rounding error of their mean scaled up
+    adv = torch.where(zero_spread(r.view(-1), group_size)[:, None], 0.0, adv)
     return adv.view(-1)  # (N,)
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """
 flags.py -- train.py's command line: --name value flags, presets from config/, and --help.
 
-All three are read from one place, train.py's Config: its fields are the options, their types
-check the values, and the comment next to each field is its help text. experiment.py uses the same
-parser for the options it passes on to every run (but not --preset: its own presets are --size).
+All three are read from one place, train.py's Config: its fields are the options, their annotated
+types check the values (`alpha: float | None` also takes none), and the comment next to each field
+is its help text. experiment.py uses the same parser for the options it passes on to every run
+(but not --preset: its own presets are --size).
 
     python train.py --lr 1e-6 --steps 40            # any Config field as --name value (or --name-with-dashes)
     python train.py --preset qwen05-gsm8k           # a recipe from config/ (see --help for the list)
@@ -17,9 +18,11 @@ line to fix.
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import os
 import re
+import typing
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the folder of named presets
 
@@ -35,7 +38,7 @@ def parse_args(argv, schema) -> dict:
     if "-h" in argv or "--help" in argv:
         print(config_help(schema))
         raise SystemExit(0)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    fields = [f.name for f in dataclasses.fields(schema)]
     preset, overrides = {}, {}
     it = iter(argv)
     for arg in it:
@@ -46,28 +49,61 @@ def parse_args(argv, schema) -> dict:
             value = next(it, None)
         name = name and name.replace("-", "_")  # --max-new-tokens is --max_new_tokens
         if name not in fields and name != "preset":
-            raise ValueError(f"unknown option '{arg}'. Valid options: --preset " + " ".join(f"--{n}" for n in fields))
-        if value is None:
-            raise ValueError(f"option --{name} needs a value")
+            raise ValueError(unknown_option(arg, name, fields))
         if name == "preset":
+            if value is None:
+                raise ValueError("option --preset needs a value: a preset's name or a .py file")
             preset = read_preset(value, schema)
             continue
-        kind = field_type(fields[name])
+        kind, optional = field_type(schema, name)
         try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                overrides[name] = value.lower() in ("true", "1")
-            else:
-                overrides[name] = kind(value)
+            overrides[name] = from_text(value, kind, optional)
         except ValueError:
-            raise ValueError(f"--{name} expects a {kind.__name__}, got '{value}'") from None
+            got = "nothing" if value is None else f"'{value}'"
+            raise ValueError(f"--{name} expects {type_words(kind, optional)}, got {got}") from None
     return {**preset, **overrides}
 
 
-def field_type(field) -> type:
-    """The type a field's values have: its default's (a default of None stands for a float: alpha, critic_lr)."""
-    return type(field.default) if field.default is not None else float
+def unknown_option(arg: str, name, fields) -> str:
+    """The message for an option that is not a field: the nearest field first, if one is near."""
+    near = difflib.get_close_matches(name, fields, n=1) if name else []
+    hint = f": did you mean --{near[0]}?" if near else "."
+    options = " ".join(f"--{n}" for n in ["preset", *fields])
+    return f"unknown option '{arg}'{hint} Valid options: {options}"
+
+
+def field_type(schema, name: str) -> tuple:
+    """(the type a field's values have, whether None is allowed too), read from its annotation,
+    never its default: `alpha: float | None = 0` takes floats and None. Annotations written as
+    strings (`from __future__ import annotations`) are resolved by typing.get_type_hints."""
+    hint = typing.get_type_hints(schema)[name]
+    args = typing.get_args(hint) or (hint,)  # float | None -> (float, NoneType); float -> (float,)
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (bool, int, float, str):
+        raise TypeError(f"{schema.__name__}.{name}: {hint}: not bool, int, float or str (or X | None)")
+    return kinds[0], len(kinds) < len(args)
+
+
+def from_text(value, kind: type, optional: bool):
+    """A flag's text as a value of its field's type: true/false (or 1/0) for a bool, "none" for None
+    where the field allows it (alpha's None is "the paper's value"). ValueError if it is neither."""
+    if value is None:
+        raise ValueError
+    if optional and value.lower() == "none":
+        return None
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError
+        return value.lower() in ("true", "1")
+    return kind(value)
+
+
+A_TYPE = {bool: "a bool", int: "an int", float: "a float", str: "a str"}
+
+
+def type_words(kind: type, optional: bool) -> str:
+    """What a flag takes, in words: 'true or false', 'an int', 'a float or none'."""
+    return ("true or false" if kind is bool else A_TYPE[kind]) + (" or none" if optional else "")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -96,7 +132,7 @@ def read_preset(name: str, schema) -> dict:
         tree = ast.parse(open(path).read(), where)
     except SyntaxError as e:
         raise ValueError(f"{where} line {e.lineno}: not a name = value line ({e.msg})") from None
-    fields, values = {f.name: f for f in dataclasses.fields(schema)}, {}
+    fields, values = [f.name for f in dataclasses.fields(schema)], {}
     for node in tree.body:
         at = f"{where} line {node.lineno}"
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
@@ -109,20 +145,20 @@ def read_preset(name: str, schema) -> dict:
         except (ValueError, TypeError, SyntaxError):
             raise ValueError(f"{at}: {key} must be a plain value (a number, 'text', True/False or None), "
                              "not an expression") from None
-        values[key] = checked(key, value, fields[key], at)
+        values[key] = checked(key, value, *field_type(schema, key), at)
     return values
 
 
-def checked(key: str, value, field, at: str):
-    """A preset's value, if it has its field's type (an int where a float is wanted is fine); else the fix."""
-    kind = field_type(field)
-    if value is None and field.default is None:
+def checked(key: str, value, kind: type, optional: bool, at: str):
+    """A preset's value, if it has its field's type, from field_type (an int where a float is wanted
+    is fine; None where the field allows it); else the fix."""
+    if value is None and optional:
         return None
     if kind is float and type(value) is int:
         return float(value)
     if type(value) is not kind:
         example = {bool: "True or False", int: "a whole number", float: "a number", str: f"'{value}' in quotes"}[kind]
-        raise ValueError(f"{at}: {key} = {value!r} should be a {kind.__name__}: write {example}")
+        raise ValueError(f"{at}: {key} = {value!r} should be {A_TYPE[kind]}: write {example}")
     return value
 
 

@@ -135,7 +135,7 @@ def fields_of(cfg) -> dict:
 # Checkpoints, and one run per folder
 
 
-def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic: Learner | None = None, skipped_steps=0):
+def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic: Learner | None = None, skipped_total=0):
     """A folder transformers can load (config.json, model.safetensors, tokenizer), plus our state.
 
     What a resume needs besides the weights, the optimiser state and PPO's critic (its weights
@@ -147,13 +147,14 @@ def save_checkpoint(folder, cfg, step, model, tokenizer, actor: Learner, critic:
 
     Written into folder + ".tmp" and renamed into place only when complete: a save interrupted
     (a second Ctrl-C, a full disk) leaves the previous checkpoint whole. cfg is saved as given, with
-    alpha and critic_lr unset where they were, so a resume re-derives them."""
+    alpha and critic_lr unset where they were, so a resume re-derives them. skipped_total: the
+    optimiser updates (actor's and critic's) skipped so far, for a gradient norm not finite."""
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)  # the remains of an earlier interrupted save
     save_pretrained(model, tokenizer, tmp)
     # python's RNG state is a tuple (version, 625 ints, gauss): plain values, as weights_only wants
     state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-             "skipped_steps": skipped_steps}
+             "skipped_updates_total": skipped_total}
     resumable = step < cfg.steps or cfg.keep_optimizer
     if resumable:
         state.update(optimizer=actor.optimizer.state_dict(), scaler=actor.scaler.state_dict())
@@ -308,8 +309,8 @@ def keep_metrics_up_to(out_dir: str, step: int):
 
 
 def restore(cfg, actor: Learner, critic: Learner | None = None) -> tuple:
-    """Load a checkpoint's optimiser, RNG and critic state -> (step, skipped_steps). The flags given
-    now win: the learning rates and weight decay are set on the restored optimisers."""
+    """Load a checkpoint's optimiser, RNG and critic state -> (step, skipped_updates_total). The
+    flags given now win: the learning rates and weight decay are set on the restored optimisers."""
     state = read_trainer_state(cfg.resume)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
@@ -328,4 +329,5 @@ def restore(cfg, actor: Learner, critic: Learner | None = None) -> tuple:
     if os.path.realpath(os.path.dirname(os.path.normpath(cfg.resume))) == os.path.realpath(cfg.out_dir):
         keep_metrics_up_to(cfg.out_dir, state["step"])
     print(f"resumed from {cfg.resume} at step {state['step']}")
-    return state["step"], state.get("skipped_steps", 0)
+    skipped = state.get("skipped_updates_total", state.get("skipped_steps", 0))  # older: that name
+    return state["step"], skipped

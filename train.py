@@ -27,9 +27,10 @@ Our choices, and where we simplify against the paper (its Appendix B):
   2. Loss aggregation: token-level mean over all response tokens of the batch (as the paper/DAPO),
      not a per-sequence mean, so long answers are not down-weighted.
   3. Clip-higher: eps_low 0.2, eps_high 0.28, and veRL's guards: dual-clip (a token with A < 0
-     costs at most 3|A|), the log-ratio clamped to +-20, and a step whose gradient norm is not finite
-     skipped (counted in skipped_steps). No KL penalty and no entropy loss by default (--kl_coef and
-     --entropy_coef turn them on, the latter to compare with the paper's Table 3).
+     costs at most 3|A|), the log-ratio clamped to +-20, and an optimiser update whose gradient
+     norm is not finite skipped (counted in skipped_updates). No KL penalty and no entropy loss by
+     default (--kl_coef and --entropy_coef turn them on, the latter to compare with the paper's
+     Table 3).
   4. GRPO advantages use the Bessel-corrected group std, as veRL and TRL; --scale_std false gives
      Dr. GRPO's mean-centred advantages.
   5. Scale: the paper trains 7B models on 512 prompts x 8 samples, 8K tokens, 16 updates per rollout,
@@ -60,7 +61,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from advantage import explained_variance, gae_advantages, group_advantages, masked_mean
+from advantage import (explained_variance, gae_advantages, group_advantages, masked_mean,
+                       zero_spread)
 from cli import check_context
 from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
 from grader import is_correct
@@ -257,7 +259,7 @@ def run_steps(cfg: Config, given: Config, problems, held_out, log, precision, re
     actor, critic = make_learners(cfg, model, precision)
     plan = MicroBatchPlan(cfg, precision.device, [actor] + ([critic] if critic else []))
     ref_model = reference_model(cfg, model, precision.device)
-    start, skipped_steps = restore(cfg, actor, critic) if cfg.resume else (0, 0)
+    start, skipped = restore(cfg, actor, critic) if cfg.resume else (0, 0)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
     t0, watch = time.time(), Watch(cfg)
     if held_out and start == 0:
@@ -281,22 +283,22 @@ def run_steps(cfg: Config, given: Config, problems, held_out, log, precision, re
             learning = actor if cfg.algo == "grpo" or step >= cfg.critic_warmup else None
             stats = update(cfg, learning, critic, rollout, targets, plan)
             # -> log, and say in plain words what looks wrong; save and evaluate now and then
-            skipped_steps += stats["skipped_updates"]
-            stats.update(skipped_steps=skipped_steps, rollout_s=t_rollout, step_s=time.time() - t_step)
+            skipped += stats["skipped_updates"]  # the run's total (actor, critic), kept on resume
+            stats.update(skipped_updates_total=skipped, rollout_s=t_rollout, step_s=time.time() - t_step)
             record = step_record(cfg, step + 1, rollout, rewards, targets, stats, model)
             record["warnings"] = watch.check(record)
             log(record)
             show_progress(bar, record)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_checkpoint(ckpt_dir, given, step + 1, model, tokenizer, actor, critic, skipped_steps)
+                save_checkpoint(ckpt_dir, given, step + 1, model, tokenizer, actor, critic, skipped)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and held_out:
                 evaluate_held_out(cfg, actor, tokenizer, held_out, step + 1, log)
     except KeyboardInterrupt:
         print(f"\ninterrupted: saving a checkpoint at step {step} to {ckpt_dir}")
-        save_checkpoint(ckpt_dir, given, step, model, tokenizer, actor, critic, skipped_steps)
+        save_checkpoint(ckpt_dir, given, step, model, tokenizer, actor, critic, skipped)
         raise SystemExit(130)
     # 3) the end: a checkpoint, the held-out evaluation against the start's, summary.json
-    save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped_steps)
+    save_checkpoint(ckpt_dir, given, cfg.steps, model, tokenizer, actor, critic, skipped)
     minutes = (time.time() - t0) / 60  # the training's time, without the final evaluation
     if held_out:
         evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log)
@@ -333,9 +335,8 @@ def step_record(cfg: Config, step: int, rollout: Rollout, rewards, targets, stat
     """The step's row of metrics.jsonl: what was sampled, how it was graded, the update's statistics
     (update.Means, with the loop's timings), PPO's explained variance, and GPU memory and graphs."""
     mask = rollout.response_mask
-    groups = rewards.view(-1, cfg.group_size)  # (B, G)
     record = {"kind": "train", "step": step, "reward": rewards.mean().item(),
-              "zero_spread_groups": (groups.std(-1) == 0).float().mean().item(),
+              "zero_spread_groups": zero_spread(rewards, cfg.group_size).float().mean().item(),
               "entropy": masked_mean(rollout.entropies, mask).item(), "length": mask.sum(-1).mean().item(),
               "truncated": 1 - rollout.stopped.float().mean().item(), "lr": cfg.lr, **stats}
     if targets.old_values is not None:

@@ -209,16 +209,19 @@ def add_shaping_stats(stats: Means, adv, ent, mask, cfg):
 def clipped_step(learner: Learner, max_norm: float, stats: "Means", name: str) -> bool:
     """Clip the global grad norm (logged under `name`, before clipping) and step. A non-finite norm
     (one inf or NaN gradient anywhere) is never applied: clip_grad_norm_ would scale every gradient
-    by NaN. That step is skipped and its gradients dropped; returns True when it was skipped.
-    (Under float16 the scaler's first steps overflow by design while it finds its factor.)"""
+    by NaN. That step is skipped and its gradients dropped; returns True when it was skipped, and
+    its norm stays out of the logged mean (one inf would hide the other updates' norms; the skips
+    are counted beside it). (Under float16 the scaler's first steps overflow by design while it
+    finds its factor.)"""
     learner.scaler.unscale_(learner.optimizer)  # float16: the gradients back at their true scale
     norm = torch.nn.utils.clip_grad_norm_(learner.net.parameters(), max_norm).item()
-    stats.add({name: norm}, 1)
-    if math.isfinite(norm):
+    finite = math.isfinite(norm)
+    stats.add({name: norm if finite else 0.0}, float(finite))  # weight 0: out of the mean
+    if finite:
         learner.scaler.step(learner.optimizer)  # = optimizer.step() unless float16
     learner.scaler.update()  # float16: an overflow lowers the factor for the next step
     learner.optimizer.zero_grad(set_to_none=True)
-    return not math.isfinite(norm)
+    return not finite
 
 
 # A rollout is as wide as its longest prompt plus its longest answer, and most rows are padding at

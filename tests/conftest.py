@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of each family, and the real SmolLM2 weights (loaded once)."""
+"""Shared fixtures: each test's own working folder, tiny random models of each family, and the real
+SmolLM2 weights (loaded once)."""
 
 import os
 import sys
@@ -10,6 +11,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts live at the repo root, flat, nanoGPT style
 SHARED_DATA = ROOT.parent / "shared" / "data"  # optional offline benchmark files; tests skip without them
+
+
+@pytest.fixture(autouse=True)
+def own_working_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: the scripts' default outputs (runs/default,
+    out/eval, runs/entropy) are relative paths, and a test must neither see the user's runs there (a
+    finished `python train.py` makes runs/default "hold another run") nor write beside them. Tests
+    read the repository's files through ROOT. A folder apart from tmp_path, which stays the test's own."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def tiny_hf_model(family: str, vocab_size: int = 101, seed: int = 0, **overrides):

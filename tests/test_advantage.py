@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from advantage import (entropy_shaped_advantages, explained_variance, gae_advantages,  # noqa: E402
-                       group_advantages, masked_mean, policy_loss, shaping_stats, value_loss)
+                       group_advantages, masked_mean, policy_loss, shaping_stats, value_loss,
+                       zero_spread)
 
 
 def close(a, b, atol=1e-4):
@@ -58,6 +59,19 @@ def test_group_advantages_groups_are_independent_and_match_statistics_module():
         chunk = r[i * 6:(i + 1) * 6].tolist()
         mu, sd = statistics.mean(chunk), statistics.stdev(chunk)  # stdev is Bessel-corrected
         assert close(adv[i * 6:(i + 1) * 6], [(x - mu) / sd for x in chunk], atol=1e-5)
+
+
+@pytest.mark.parametrize("scale_std", [True, False])
+@pytest.mark.parametrize("value", [0.7, 0.1, 1e6 + 0.1])
+def test_equal_rewards_of_any_value_give_exactly_zero(value, scale_std):
+    """A custom reward_fn's equal rewards are a group with nothing to learn, like all-0 or all-1: A
+    is 0 exactly (float32 rounding of the mean over a std of ~1e-8 once made +0.056 of 0.7s)."""
+    rewards = torch.tensor([value] * 8 + [1.0, 0, 0, 0, 0, 0, 0, 1])  # equal, then a spread
+    adv = group_advantages(rewards, group_size=8, scale_std=scale_std)
+    assert torch.equal(adv[:8], torch.zeros(8))
+    right, wrong = (1.620, -0.540) if scale_std else (0.75, -0.25)  # as the paper's example
+    assert close(adv[8:], [right] + [wrong] * 6 + [right], atol=1e-3)
+    assert zero_spread(rewards, group_size=8).tolist() == [True, False]
 
 
 def test_dr_grpo_only_centres():

@@ -102,8 +102,8 @@ def test_evaluate_bookkeeping_with_a_scripted_sampler(monkeypatch, tmp_path):
         ev.evaluate(None, None, problems, EvalSettings(n=4, ks=[8], progress=False))
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("args,message", [

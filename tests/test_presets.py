@@ -53,11 +53,33 @@ def test_a_preset_may_be_a_file_of_your_own(tmp_path):
                                                                       gradient_checkpointing=True)
 
 
+@dataclasses.dataclass
+class Edited:
+    """A Config whose defaults someone edited: a flag's type is its annotation's, not its default's."""
+    alpha: float | None = 0  # an int default on a float field
+    steps: "int" = 12  # an annotation written as a string (as `from __future__ import annotations` does)
+    overwrite: bool = False
+
+
+def test_a_flags_type_is_its_annotation_not_its_default(tmp_path):
+    assert flags.parse_args(["--alpha", "0.4", "--steps", "3"], Edited) == dict(alpha=0.4, steps=3)
+    assert flags.parse_args(["--alpha", "none"], Edited) == dict(alpha=None)  # None: the paper's value
+    assert flags.parse_args(["--alpha", "none"], Config) == dict(alpha=None)
+    with pytest.raises(ValueError, match="--steps expects an int, got 'none'"):
+        flags.parse_args(["--steps", "none"], Edited)  # only a field that allows None takes it
+    path = tmp_path / "mine.py"
+    path.write_text("alpha = 0.4\nsteps = 3\n")  # presets follow the same rule
+    assert flags.read_preset(str(path), Edited) == dict(alpha=0.4, steps=3)
+    path.write_text("steps = None\n")
+    with pytest.raises(ValueError, match="steps = None should be an int"):
+        flags.read_preset(str(path), Edited)
+
+
 @pytest.mark.parametrize("text, message", [
     ("lerning_rate = 1e-6\n", r"mine.py line 1: unknown key 'lerning_rate'"),
-    ("# ok\nsteps = '10'\n", r"mine.py line 2: steps = '10' should be a int: write a whole number"),
-    ("steps = 10.5\n", "steps = 10.5 should be a int"),
-    ("steps = True\n", "steps = True should be a int"),
+    ("# ok\nsteps = '10'\n", r"mine.py line 2: steps = '10' should be an int: write a whole number"),
+    ("steps = 10.5\n", "steps = 10.5 should be an int"),
+    ("steps = True\n", "steps = True should be an int"),
     ("progress = 'false'\n", "progress = 'false' should be a bool: write True or False"),
     ("task = gsm8k\n", "task must be a plain value"),
     ("lr = 2 * 1e-6\n", "lr must be a plain value"),

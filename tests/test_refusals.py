@@ -85,9 +85,12 @@ CASES = [  # (script and argv, the message expected); {d} is the folder of the f
     (T("--eps_low", "1"), r"--eps_low must be in \[0, 1\)"),
     (T("--gamma", "2"), r"--gamma and --lam in \[0, 1\]"),
     (T("--seed", "-1"), "--seed must be >= 0"),
-    (T("--steps", "ten"), "--steps expects a int, got 'ten'"),
+    (T("--steps", "ten"), "--steps expects an int, got 'ten'"),
     (T("--lerning_rate", "1e-6"), "unknown option '--lerning_rate'. Valid options: .*--lr"),
-    (T("--lr"), "option --lr needs a value"),
+    (T("--lr"), "--lr expects a float, got nothing"),
+    (T("--overwrite"), "--overwrite expects true or false, got nothing"),
+    (T("--overwrite", "--steps", "3"), "--overwrite expects true or false, got '--steps'"),
+    (T("--stpes", "3"), "unknown option '--stpes': did you mean --steps\\? Valid options: "),
     (T("--preset", "qwen-7b"), "unknown preset 'qwen-7b': use one of .*qwen05-gsm8k"),
     (T("--device", "tpu"), "--device must be cpu or cuda"),
     pytest.param(T("--device", "cuda"), "torch sees no GPU here: use --device cpu", marks=NO_GPU),
@@ -221,3 +224,34 @@ def test_both_spellings_reach_the_same_option(flag, capsys):
         with pytest.raises(SystemExit) as stop:
             main([*args, flag, "0"])
         assert stop.value.code == 2 and "max" in capsys.readouterr().err  # refused for its value, not its name
+
+
+# --- the user's own folders ---------------------------------------------------------------------
+
+
+def test_the_users_runs_and_results_are_neither_seen_nor_touched(tmp_path):
+    """Following the README in order leaves a finished run in runs/default and an evaluation in
+    out/eval of the folder where `python -m pytest` then starts. Here a stand-in of that folder holds
+    both, and the refusal cases (several use the default --out_dir or --out) run from it in a pytest
+    of their own: they must pass, and leave the folder as it was."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    user = tmp_path / "repo"
+    (user / "runs" / "default").mkdir(parents=True)
+    (user / "runs" / "default" / "metrics.jsonl").write_text('{"kind": "train", "step": 12}\n')
+    (user / "runs" / "default" / "summary.json").write_text('{"steps": 12}\n')
+    (user / "out" / "eval").mkdir(parents=True)
+    (user / "out" / "eval" / "summary.json").write_text('{"pass_at_k": {"1": 0.5}}\n')
+    def outputs():  # the scripts' folders (pytest's plugins may add their own beside them)
+        return sorted(str(p.relative_to(user)) for d in ("runs", "out") for p in (user / d).rglob("*"))
+
+    before = outputs()
+    cases = [f"{ROOT}/tests/test_train.py::test_bad_config_values_give_one_clear_message",
+             f"{ROOT}/tests/test_refusals.py::test_bad_input_is_refused_in_one_line"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                          str(tmp_path / "basetemp"), *cases], cwd=user, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert outputs() == before

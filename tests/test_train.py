@@ -96,7 +96,7 @@ def test_command_line_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path
         (["--lr", "-1e-6"], "lr and --critic_lr must be positive"),
         (["--alpha", "-0.1"], "alpha must be >= 0"),
         (["--lerning_rate", "1e-6"], "unknown option '--lerning_rate'. Valid options: .*--lr"),
-        (["--steps", "ten"], "--steps expects a int, got 'ten'"),
+        (["--steps", "ten"], "--steps expects an int, got 'ten'"),
         (["--task", "no-such-task", "--model", "/nonexistent/folder"], "no such model folder|unknown task"),
         (["--resume", "/nonexistent"], "no train_config.json"),
     ],
@@ -201,14 +201,57 @@ def test_psi_ratio_and_cap_share_are_means_over_the_tokens_with_an_advantage(tin
 def test_a_non_finite_step_is_skipped_counted_and_warned(tmp_path, tiny_folder, capsys):
     model, tok = load_model(tiny_folder, device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = tiny_config(tmp_path, tiny_folder, steps=2)
+    cfg = tiny_config(tmp_path, tiny_folder, steps=2, keep_optimizer=True)  # extended below
     train.train(cfg, reward_fn=lambda text, p: float("nan"), model=model, tokenizer=tok)  # NaN advantages, NaN gradients
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["skipped_steps"] for r in rows] == [1, 2]  # cumulative
+    assert [r["skipped_updates_total"] for r in rows] == [1, 2]  # cumulative
+    assert [r["grad_norm"] for r in rows] == [None, None]  # no update had a finite norm to average
     assert any("skipped" in w for w in rows[0]["warnings"])
     assert "update(s) skipped" in capsys.readouterr().out
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # never applied
-    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["skipped_steps"] == 2
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["skipped_updates_total"] == 2
+    # a checkpoint saved before the counter's rename still resumes with its count
+    state["skipped_steps"] = state.pop("skipped_updates_total")
+    torch.save(state, tmp_path / "run" / "checkpoint" / "trainer_state.pt")
+    train.main(["--resume", str(tmp_path / "run" / "checkpoint"), "--steps", "3"])
+    last = json.loads(open(tmp_path / "run" / "metrics.jsonl").readlines()[-1])  # graded: no NaN
+    assert (last["step"], last["skipped_updates"], last["skipped_updates_total"]) == (3, 0, 2)
+
+
+def test_equal_rewards_of_any_value_are_zero_spread_and_move_nothing(tmp_path, tiny_folder):
+    """A reward_fn that gives every answer 0.7: no group has a spread, so A = 0 exactly, the loss
+    has no gradient and AdamW's step is 0 (weight_decay 0); the record counts the group. (One group
+    of 8: in float32 both the mean and the std of eight 0.7s are off by a rounding error.)"""
+    model, tok = load_model(tiny_folder, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = tiny_config(tmp_path, tiny_folder, steps=1, prompts_per_step=1, group_size=8)
+    train.train(cfg, reward_fn=lambda text, p: 0.7, model=model, tokenizer=tok)
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert row["zero_spread_groups"] == 1.0 and row["skipped_updates"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_grad_norm_is_the_mean_of_the_applied_updates(tiny_folder, monkeypatch):
+    """Two mini-batches, the second with NaN advantages: its update is skipped, and the logged
+    grad_norm is the first one's norm, not inf or NaN (norms: what clip_grad_norm_ returned)."""
+    from rollout import sample
+
+    model, tok = load_model(tiny_folder, device="cpu")
+    prompts = ["Question: 1+1?\nAnswer:", "Question: 2*3?\nAnswer:"]
+    rollout = sample(model, tok, prompts, group_size=4, max_new_tokens=6, seed=0)
+    cfg = train.resolve_defaults(Config(group_size=4, prompts_per_step=2, mini_batches=2))
+    rewards = torch.tensor([1.0, 0, 0, 0] + [float("nan")] * 4)  # a group a mini-batch; one broken
+    adv, _ = train.compute_advantages(cfg, rollout, rewards)
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+    record = lambda *a, **k: norms.append(clip(*a, **k)) or norms[-1]  # noqa: E731
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    actor = update.Learner(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    plan = update.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
+    stats = update.update(cfg, actor, None, rollout, update.Targets(adv), plan)
+    assert len(norms) == 2 and math.isfinite(norms[0]) and not math.isfinite(norms[1])
+    assert stats["skipped_updates"] == 1 and stats["grad_norm"] == pytest.approx(norms[0].item())
 
 
 def test_defaults_follow_the_algorithm_and_are_printed(tmp_path, tiny_folder, capsys):
@@ -335,7 +378,7 @@ def test_a_final_checkpoint_keeps_the_weights_not_the_optimiser(tmp_path, tiny_f
     train.train(tiny_config(tmp_path, tiny_folder, algo="ppo", critic_warmup=0, steps=2, save_every=1), reward_fn=is_digit)
     (middle, middle_bytes, weights), *_, (final, final_bytes, _) = saved  # step 1's (--save_every), the final one
     assert {"optimizer", "critic", "critic_optimizer"} <= middle
-    assert final == {"step", "torch_rng", "python_rng", "skipped_steps"}
+    assert final == {"step", "torch_rng", "python_rng", "skipped_updates_total"}
     assert final_bytes < 0.05 * middle_bytes and middle_bytes > 2 * weights  # AdamW: 2 numbers a weight; RNG 10 KB
     ckpt, _ = tmp_path / "run" / "checkpoint", capsys.readouterr()
     assert {"config.json", "model.safetensors", "train_config.json", "trainer_state.pt"} <= set(os.listdir(ckpt))
