@@ -126,13 +126,26 @@ class MetricsLogger:
             self.writer.finish()  # an offline run's files are complete only after this
 
 
+RUNNING_MEAN = 4  # steps in plots.png's running mean of the training reward
+
+
+def running_mean(values: list, window: int) -> list:
+    """Each value averaged with the window - 1 values before it (fewer at the start)."""
+    sums = [sum(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+    return [total / min(i + 1, window) for i, total in enumerate(sums)]
+
+
 def plot_metrics(out_dir: str):
-    """plots.png: reward, entropy, response length and psi/|A| over steps (+ the critic's, for PPO)."""
+    """plots.png: the training reward (each step, and its running mean: one step's few answers are
+    noisy), entropy, response length, psi/|A|, the held-out greedy pass@1 with its standard error
+    (the number to trust), and the critic's for PPO. Returns the figure (closed), for the tests."""
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
     train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
     if not train:
-        return
-    panels = [("reward", "reward (mean)"), ("entropy", "token entropy (nats)"), ("length", "response length (tokens)"),
+        return None
+    panels = [("reward", "training reward (mean of a step's answers)"),
+              ("entropy", "token entropy (nats)"), ("length", "response length (tokens)"),
               ("psi_ratio", "psi / |A|")]
     if "value_loss" in train[-1]:
         panels += [("value_loss", "critic value loss"), ("explained_variance", "critic explained variance")]
@@ -140,13 +153,24 @@ def plot_metrics(out_dir: str):
     for key, _ in panels:
         pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         curves[key] = ([p[0] for p in pts], [p[1] for p in pts], None, None)
-    plot_panels(os.path.join(out_dir, "plots.png"), panels, {"": curves})
+    steps, rewards = curves["reward"][:2]
+    smooth = {"reward": (steps, running_mean(rewards, RUNNING_MEAN), None, None)}
+    if evals:
+        acc, se = [r["accuracy"] for r in evals], [r["accuracy_se"] for r in evals]
+        panels.insert(1, ("held_out", "held-out greedy pass@1 (+- 1 standard error)"))  # beside the reward
+        curves["held_out"] = ([r["step"] for r in evals], acc, [a - e for a, e in zip(acc, se)],
+                              [a + e for a, e in zip(acc, se)])
+    lines = {"each step": curves, f"running mean of {RUNNING_MEAN} steps": smooth}
+    rows = 1 if len(panels) <= 4 else 2
+    return plot_panels(os.path.join(out_dir, "plots.png"), panels, lines, rows, bars=("held_out",))
 
 
-def plot_panels(path: str, panels: list, lines: dict, rows: int = 1):
-    """The one way training curves are drawn (plots.png here, experiment.py's curves.png): a panel per
+def plot_panels(path: str, panels: list, lines: dict, rows: int = 1, bars: tuple = ()):
+    """The one way training curves are drawn (plots.png here, report.py's curves.png): a panel per
     (key, title) of `panels`, in `rows` rows, and in each a line per label of
-    lines = {label: {key: (steps, values, low, high)}}, shaded from low to high (None: no band)."""
+    lines = {label: {key: (steps, values, low, high)}} that has the key, shaded from low to high
+    (None: no band), or with error bars from low to high for the keys in `bars` (a few measured
+    points, where a band would invent the values in between). Returns the figure, saved, closed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,14 +180,24 @@ def plot_panels(path: str, panels: list, lines: dict, rows: int = 1):
     fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.2 * rows), squeeze=False)
     for label, curves in lines.items():
         for ax, (key, title) in zip(axes.flat, panels):
+            if key not in curves:
+                continue
             steps, values, low, high = curves[key]
-            line, = ax.plot(steps, values, marker=".", label=label)
-            if low is not None:
-                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+            if key in bars:
+                below = [v - lo for v, lo in zip(values, low)]
+                above = [hi - v for v, hi in zip(values, high)]
+                ax.errorbar(steps, values, yerr=[below, above], marker="o", capsize=3, label=label)
+            else:
+                line, = ax.plot(steps, values, marker=".", label=label)
+                if low is not None:
+                    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")  # the grid's spare cells
     if len(lines) > 1:
         axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
