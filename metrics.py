@@ -157,7 +157,7 @@ def plot_metrics(out_dir: str):
     smooth = {"reward": (steps, running_mean(rewards, RUNNING_MEAN), None, None)}
     if evals:
         acc, se = [r["accuracy"] for r in evals], [r["accuracy_se"] for r in evals]
-        panels.insert(1, ("held_out", "held-out greedy pass@1 (+- 1 standard error)"))  # beside the reward
+        panels.insert(1, ("held_out", "held-out greedy pass@1 (+- 1 standard error)"))  # 2nd panel
         curves["held_out"] = ([r["step"] for r in evals], acc, [a - e for a, e in zip(acc, se)],
                               [a + e for a, e in zip(acc, se)])
     lines = {"each step": curves, f"running mean of {RUNNING_MEAN} steps": smooth}

@@ -199,15 +199,15 @@ def test_grader_table(kind, gold, prediction, expected):
     assert is_correct(prediction, gold) is expected
 
 
-# A cut-off answer (stopped False: it ran into max_new_tokens) is wrong whatever number it ends on,
-# since it never gave its final answer; the same text that stopped is graded as usual. These are the
-# verdicts of grade_response, which training's default reward and evaluate.py both call.
+# A cut-off answer (stopped False: it ran into max_new_tokens) is wrong whatever number it ends
+# on, since it never gave its final answer; the same text that stopped is graded as usual. These
+# are the verdicts of grade_response, which training's default reward and evaluate.py both call.
 CUT_OFF = [  # (gold, response, stopped, expected)
     ("17", "We add 12 + 5 = 17 and then we need to solve a", False, False),
     ("17", "We add 12 + 5 = 17 and then we need to solve a", True, True),
     ("45", "20 + 25 = 45 for a total sum of", False, False),
     ("45", "20 + 25 = 45 for a total sum of", True, True),
-    ("8", r"so the answer is \boxed{8}", False, False),  # even a closed box: the rule has no exception
+    ("8", r"so the answer is \boxed{8}", False, False),  # a closed box too: no exception
     ("8", r"so the answer is \boxed{8}", True, True),
     ("8", r"so the answer is \boxed{9}", True, False),
     ("8", "", False, False),

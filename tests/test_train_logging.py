@@ -95,8 +95,8 @@ def test_plots_show_the_held_out_result_and_a_running_mean_of_the_reward(tmp_pat
 
     rewards = [0.19, 0.5, 0.25, 0.41, 0.31, 0.6, 0.19]
     rows = [{"kind": "eval", "step": 0, "accuracy": 0.25, "accuracy_se": 0.04, "truncated": 0.84}]
-    rows += [{"kind": "train", "step": s + 1, "reward": r, "entropy": 0.5, "length": 30.0, "psi_ratio": 0.4,
-              "truncated": 0.5} for s, r in enumerate(rewards)]
+    rows += [{"kind": "train", "step": s + 1, "reward": r, "entropy": 0.5, "length": 30.0,
+              "psi_ratio": 0.4, "truncated": 0.5} for s, r in enumerate(rewards)]
     rows += [{"kind": "eval", "step": 7, "accuracy": 0.75, "accuracy_se": 0.03, "truncated": 0.1}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fig = plot_metrics(str(tmp_path))
@@ -112,5 +112,6 @@ def test_plots_show_the_held_out_result_and_a_running_mean_of_the_reward(tmp_pat
     labelled = {line.get_label(): line.get_ydata().tolist() for line in reward.lines}
     assert labelled["each step"] == rewards
     window = [rewards[max(0, i + 1 - RUNNING_MEAN) : i + 1] for i in range(len(rewards))]
-    assert labelled[f"running mean of {RUNNING_MEAN} steps"] == pytest.approx([sum(w) / len(w) for w in window])
+    means = [sum(w) / len(w) for w in window]
+    assert labelled[f"running mean of {RUNNING_MEAN} steps"] == pytest.approx(means)
     assert [t.get_text() for t in reward.get_legend().get_texts()] == list(labelled)
