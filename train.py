@@ -101,7 +101,7 @@ class Config:
     # --- rollout
     prompts_per_step: int = 4  # B prompts per step (the paper: 512)
     group_size: int = 8  # G samples per prompt (the paper: 8)
-    max_new_tokens: int = 40  # response budget (the paper: 8K)
+    max_new_tokens: int = 40  # response budget (the paper: 8K); an answer cut off by it scores 0
     temperature: float = 1.0  # training temperature (the paper: 1.0)
     top_p: float = 1.0
     # --- optimisation
