@@ -9,8 +9,8 @@ Where it sits: beside evaluate.py, reading what rollout.sample records for train
 
     python entropy_view.py --model smollm2-135m --task arith --limit 4 --n 2 --max-new-tokens 64
     python entropy_view.py --task arith:4 --limit 16 --n 4 --max-new-tokens 128 --out runs/entropy
-    python entropy_view.py --limit 2 | less -R   # page through the colours; or open runs/entropy/entropy.html
-                                                  # in a browser (hover a token for its entropy)
+    python entropy_view.py --limit 2 --color always | less -R   # page through the colours
+    # or open runs/entropy/entropy.html in a browser (hover a token for its entropy)
 
 The paper (Section 2) finds that high-entropy tokens mark exploratory reasoning: pivotal connectors
 ("because", "however", "first") and reflective actions ("verify", "check") have higher entropy than
@@ -212,6 +212,15 @@ def render_ansi(tokens: list, entropies: list) -> str:
     return "".join(out)
 
 
+def use_colour(choice: str, stream=None, environ=None) -> bool:
+    """--color auto | always | never. auto colours only a terminal, and not when NO_COLOR is set
+    (no-color.org): output redirected to a file or a pipe is plain text, with no escape codes."""
+    stream, environ = stream or sys.stdout, os.environ if environ is None else environ
+    if choice != "auto":
+        return choice == "always"
+    return stream.isatty() and not environ.get("NO_COLOR")
+
+
 def ansi_legend() -> str:
     steps = [i * H_MAX / 6 for i in range(7)]
     cells = "".join(f"{_ansi_bg(colour(h))} {h:.1f}{'+' if h == H_MAX else ''} \x1b[0m" for h in steps)
@@ -283,7 +292,7 @@ def sample_answers(model, tokenizer, problems, settings) -> list:
     """settings.n answers per problem (settings: an evaluate.EvalSettings), each with its per-token
     strings and entropies, and graded. We choose the batch size: ROWS_PER_CALL rows per sampling call."""
     from evaluate import sample_problems
-    from grader import is_correct
+    from grader import grade_response
 
     n = settings.n
     settings = replace(settings, batch_prompts=max(1, ROWS_PER_CALL // n))  # prompts per call
@@ -293,8 +302,10 @@ def sample_answers(model, tokenizer, problems, settings) -> list:
             keep = r.response_mask[j].bool()  # the answer's tokens, up to and including its stop token
             ids = r.response_ids[j][keep].tolist()
             p = batch[j // n]
-            answers.append(Answer(p.question, p.answer, is_correct(r.texts[j], p.answer, settings.grader),
-                                  decode_tokens(tokenizer, ids), r.entropies[j][keep].tolist()))
+            # graded as evaluate.py grades: an answer cut off by the budget is wrong
+            right = grade_response(r.texts[j], p.answer, bool(r.stopped[j]), settings.grader)
+            answers.append(Answer(p.question, p.answer, right, decode_tokens(tokenizer, ids),
+                                  r.entropies[j][keep].tolist()))
     return answers
 
 
@@ -317,6 +328,8 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--cuda-graph", default="auto", help="auto | true | false: replay decode steps as CUDA graphs (auto: on CUDA)")
     p.add_argument("--out", default="runs/entropy", help="folder for entropy.html and entropy_stats.json")
+    p.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                   help="colour the tokens: auto = only on a terminal, and not if NO_COLOR is set")
     args = p.parse_args(argv)
     try:
         # every check that needs no model first: a typo costs a second, a bad --out no sampling
@@ -338,12 +351,14 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    print(ansi_legend())
+    colour = use_colour(args.color)
+    plain = "plain text (no terminal, or NO_COLOR set; --color always colours): see entropy.html"
+    print(ansi_legend() if colour else plain)
     for a in answers:
         print(f"\n--- {a.question}  [{'correct' if a.correct else 'wrong'}, gold {a.gold}]")
-        print(render_ansi(a.tokens, a.entropies))
+        print(render_ansi(a.tokens, a.entropies) if colour else "".join(map(visible, a.tokens)))
     stats = entropy_stats([a.tokens for a in answers], [a.entropies for a in answers])
-    print("\n" + ansi_legend() + "\n\n" + format_stats(stats))
+    print("\n" + (ansi_legend() + "\n\n" if colour else "") + format_stats(stats))
 
     settings = {k: v for k, v in vars(args).items() if k not in ("device", "out")}
     title = f"Token entropy: {args.model} on {args.task}, temperature {args.temperature}, top-p {args.top_p}"

@@ -4,7 +4,7 @@ unbiased Pass@K.
 
 Where it sits in the pipeline:
 
-    tasks.load_problems -> rollout.sample (n answers per problem) -> grader.is_correct
+    tasks.load_problems -> rollout.sample (n answers per problem) -> grader.grade_response
                         -> [pass_at_k: the chance one of K answers is right] -> a Pass@K curve
 
 train.py calls evaluate() for its held-out numbers (greedy, n = 1); experiment.py for its Pass@K
@@ -12,12 +12,13 @@ curves. The paper samples at temperature 0.6 and top-p 0.95 and reports the unbi
 Chen et al. 2021. From the command line:
 
     python evaluate.py --model smollm2-135m --task arith --n 64 --limit 50
-    python evaluate.py --model out/ckpt --task ../shared/data/math500_test.jsonl --n 16 --k 1,4,16
+    python evaluate.py --model out/ckpt --task my_math500.jsonl --n 16 --k 1,4,16  # a local file
     python evaluate.py --compare out/eval_base out/eval_grpo out/eval_entropy   # curves on one plot
 
 Simplifications, said up front:
   1. The grader is rule-based (grader.py): no algebra; `--grader math-verify` plugs in the symbolic
-     checker when installed.
+     checker when installed. An answer cut off at --max-new-tokens is graded wrong, as in training
+     (grader.grade_response), and the share cut off is printed beside the accuracy.
   2. `--limit L` takes the first L problems (not a random subset), so two runs see the same ones.
   3. The error bar on Pass@1 is the standard error over problems (the spread of per-problem
      accuracies / sqrt(number of problems)): how far the number would move on another draw of
@@ -33,7 +34,7 @@ import sys
 from dataclasses import dataclass
 
 from cli import OneLineParser, check_context, check_sampling, make_out_folder
-from grader import extract_answer, is_correct
+from grader import extract_answer, grade_response
 from tasks import load_problems
 
 # -----------------------------------------------------------------------------------------------
@@ -147,8 +148,9 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
     """Sample s.n answers per problem, grade them, and summarise.
 
     Returns pass_at_k {k: value}, accuracy (mean Pass@1) and its standard error over problems,
-    mean response length (tokens), mean token entropy (nats, over all response tokens), the share of
-    answers cut off by max_new_tokens, and correct_counts (per problem) for further statistics.
+    mean response length (tokens), mean token entropy (nats, over all response tokens),
+    `truncated`: the share of answers cut off by max_new_tokens (graded wrong, as in training:
+    grader.grade_response), and correct_counts (per problem) for further statistics.
     With out_dir, also writes samples.jsonl, summary.json and passk.png there; `info` (model, task,
     training step...) is stored in the summary as it is. On Ctrl-C the whole problems sampled so far
     are written there, summary.json marked "partial", and KeyboardInterrupt is raised again.
@@ -169,9 +171,10 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
         tokens += lengths.sum().item()
         entropy_sum += entropy_sums.sum().item()
         truncated += (~r.stopped).sum().item()
+        stopped = r.stopped.tolist()  # (N,): False = cut off by max_new_tokens, so graded wrong
         for i, p in enumerate(batch):
             rows = range(i * n, (i + 1) * n)
-            grades = [is_correct(r.texts[j], p.answer, s.grader) for j in rows]
+            grades = [grade_response(r.texts[j], p.answer, stopped[j], s.grader) for j in rows]
             counts.append(sum(grades))
             for j, ok in zip(rows, grades):
                 length = int(lengths[j])
@@ -216,9 +219,10 @@ def until_ctrl_c(batches):
 
 def format_table(result: dict) -> str:
     lines = ["    K   Pass@K"] + [f"{k:5d}   {v:6.3f}" for k, v in result["pass_at_k"].items()]
+    cut = 100 * result["truncated"]
     lines.append(f"accuracy {result['accuracy']:.3f} +- {result['accuracy_se']:.3f} | "
                  f"mean length {result['mean_length']:.1f} tokens | mean entropy {result['mean_entropy']:.3f} nats | "
-                 f"truncated {100 * result['truncated']:.1f}%")
+                 f"{cut:.1f}% cut off at {result['max_new_tokens']} tokens (graded wrong)")
     return "\n".join(lines)
 
 

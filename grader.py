@@ -3,13 +3,16 @@ grader.py -- the reward: is a response's final answer the gold answer?
 
 Where it sits in the pipeline:
 
-    question -> rollout.sample -> response text -> [is_correct: 1 or 0] -> advantage -> loss
+    question -> rollout.sample -> response text -> [grade_response: 1 or 0] -> advantage -> loss
                                                 \-> evaluate.py: n samples per problem -> Pass@K
 
 One grader serves both training (train.py's reward) and evaluation (evaluate.py's Pass@K), so
 whatever it gets wrong, RL learns: a grader that marks "5 apples" wrong against "5" teaches the model
-to drop the unit, one that marks "50" right against "-50" teaches it nothing about signs. Read it as
-four steps, one section each:
+to drop the unit, one that marks "50" right against "-50" teaches it nothing about signs. Both call
+grade_response, which first asks whether the answer finished: one cut off by max_new_tokens never
+gave its final answer, and step 1's last-number fallback would read an intermediate number ("...so
+12 + 5 = 17, then 17 * 2") as the answer, so it is wrong. Then is_correct, in four steps, one
+section each:
 
   1. extract   the final answer from free text: the last \boxed{} (or \fbox{}), else `#### x`,
                else "the answer is x", else the last number in the text;
@@ -27,6 +30,14 @@ Simplifications, said up front:
      number counts as a unit ("5 apples" equals 5).
   3. The cases it must get right are a table in tests/test_grader.py, one line per case grouped by
      kind (boxed, fractions, units, thousands separators, ...): a new bug report becomes a new line.
+  4. A cut-off answer is wrong: a rule of ours. veRL's default rewards grade the decoded text
+     whatever its length: its naive reward manager (verl/workers/reward_manager/naive.py) checks
+     no truncation, and its GSM8K and MATH scores rarely find an answer in a cut-off text anyway
+     (verl/utils/reward_score/gsm8k.py takes the last "#### x" in the last 300 characters;
+     math_reward.py, math.py in older releases, the last \boxed{}). The paper, built on veRL,
+     reports no rule of its own; DAPO penalises answers near the limit (the overlong buffer of
+     verl/workers/reward_manager/dapo.py). Our last-number fallback finds an answer in almost any
+     text, hence the rule.
 
 Everything here is linear in the length of the text. A model in training emits whatever it likes
 (thousands of "{" or "\boxed{" in a row, 50,000 digits), and a regex with nested or overlapping
@@ -37,6 +48,8 @@ previous one cannot end with).
 
 >>> is_correct(r"so the total is \boxed{\dfrac{1}{2}}", "0.5")
 True
+>>> grade_response("3 + 4 = 7, and 7", "7", stopped=False)  # cut off: the 7 is not a final answer
+False
 >>> extract_answer("18 - 3 = 15 eggs are left\n#### 15"), normalize_answer(r"\$1,\!000.")
 ('15', '1,000')
 """
@@ -67,7 +80,13 @@ _ESCAPED_SPACE = re.compile(r"(?<!\\)\\ ")  # "\ " is a space, but "\\ " is a li
 _BRACED_SCRIPT = re.compile(r"([\^_])\{(\w)\}")  # "^{2}" -> "^2", "_{5}" -> "_5"
 
 # -----------------------------------------------------------------------------------------------
-# The reward, in four steps (each step's functions follow, in order)
+# The reward: a finished answer, then is_correct's four steps (each step's functions follow)
+
+
+def grade_response(response: str, gold: str, stopped: bool, grader: str = "ours") -> bool:
+    """The verdict training's default reward and evaluate.py share: right only when the answer
+    finished before max_new_tokens (rollout's `stopped`) and is_correct against the gold answer."""
+    return bool(stopped) and is_correct(response, gold, grader)
 
 
 def is_correct(response: str, gold: str, grader: str = "ours") -> bool:

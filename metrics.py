@@ -22,12 +22,19 @@ import os
 
 class Watch:
     """Reads each step's record and says what looks wrong. check() returns this step's warnings
-    (they go into metrics.jsonl's `warnings`); a warning is printed when it starts, not every step."""
+    (they go into metrics.jsonl's `warnings`); a warning is printed when it starts, not every step.
+    At the start of a run it says once what the token budget means for the reward."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.no_spread = self.no_reward = 0  # consecutive steps
         self.active = set()  # kinds of warning raised last step
+        # Most answers may be cut off at first (the CPU demo's budget is short, for speed). That
+        # is no fault to fix: they score 0, so the run learns to finish in time. Said once.
+        n = cfg.max_new_tokens
+        print(f"note: an answer cut off at --max_new_tokens {n} scores 0 (it never gave its "
+              f"final answer), so the run learns to answer within {n} tokens; a short budget "
+              "keeps a step fast (the paper's is 8K)")
 
     def check(self, record: dict) -> list:
         cfg, found = self.cfg, {}
@@ -39,9 +46,10 @@ class Watch:
         if self.no_spread >= 3:
             found["no_spread"] = (f"no signal: for {self.no_spread} steps at least 90% of groups had all answers right or "
                                   "all wrong (A = 0 everywhere); use a task of fitting difficulty or a larger --group_size")
-        if record["truncated"] > 0.5:
-            found["truncated"] = (f"{100 * record['truncated']:.0f}% of the answers were cut off at --max_new_tokens "
-                                  f"{cfg.max_new_tokens}: raise --max_new_tokens")
+        if record["truncated"] > 0.5 and self.no_spread >= 3:  # a fault when it leaves no signal
+            found["truncated"] = (f"{100 * record['truncated']:.0f}% of the answers were cut off "
+                                  f"at --max_new_tokens {cfg.max_new_tokens} (scored 0), leaving "
+                                  "groups no reward spread: raise --max_new_tokens")
         if record["entropy"] < 0.05:
             found["collapse"] = (f"token entropy {record['entropy']:.3f} nats (below 0.05): the policy has collapsed to "
                                  "near-fixed answers; lower --lr, keep --eps_high above --eps_low, or raise --alpha")
@@ -126,12 +134,26 @@ class MetricsLogger:
             self.writer.finish()  # an offline run's files are complete only after this
 
 
+RUNNING_MEAN = 4  # steps in plots.png's running mean of the training reward
+
+
+def running_mean(values: list, window: int) -> list:
+    """Each value averaged with the window - 1 values before it (fewer at the start)."""
+    sums = [sum(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+    return [total / min(i + 1, window) for i, total in enumerate(sums)]
+
+
 def plot_metrics(out_dir: str):
-    """plots.png: reward, entropy, response length and psi/|A| over steps (+ the critic's, for PPO)."""
-    train = [r for r in read_metrics(out_dir) if r.get("kind") == "train"]
+    """plots.png: the training reward (each step, and its running mean: one step's few answers are
+    noisy), entropy, response length, psi/|A|, the held-out greedy pass@1 with its standard error
+    (the number to trust), and the critic's for PPO. Returns the figure (closed), for the tests."""
+    rows = read_metrics(out_dir)
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
     if not train:
-        return
-    panels = [("reward", "reward (mean)"), ("entropy", "token entropy (nats)"), ("length", "response length (tokens)"),
+        return None
+    panels = [("reward", "training reward (mean of a step's answers)"),
+              ("entropy", "token entropy (nats)"), ("length", "response length (tokens)"),
               ("psi_ratio", "psi / |A|")]
     if "value_loss" in train[-1]:
         panels += [("value_loss", "critic value loss"), ("explained_variance", "critic explained variance")]
@@ -139,13 +161,24 @@ def plot_metrics(out_dir: str):
     for key, _ in panels:
         pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         curves[key] = ([p[0] for p in pts], [p[1] for p in pts], None, None)
-    plot_panels(os.path.join(out_dir, "plots.png"), panels, {"": curves})
+    steps, rewards = curves["reward"][:2]
+    smooth = {"reward": (steps, running_mean(rewards, RUNNING_MEAN), None, None)}
+    if evals:
+        acc, se = [r["accuracy"] for r in evals], [r["accuracy_se"] for r in evals]
+        panels.insert(1, ("held_out", "held-out greedy pass@1 (+- 1 standard error)"))  # 2nd panel
+        curves["held_out"] = ([r["step"] for r in evals], acc, [a - e for a, e in zip(acc, se)],
+                              [a + e for a, e in zip(acc, se)])
+    lines = {"each step": curves, f"running mean of {RUNNING_MEAN} steps": smooth}
+    rows = 1 if len(panels) <= 4 else 2
+    return plot_panels(os.path.join(out_dir, "plots.png"), panels, lines, rows, bars=("held_out",))
 
 
-def plot_panels(path: str, panels: list, lines: dict, rows: int = 1):
-    """The one way training curves are drawn (plots.png here, experiment.py's curves.png): a panel per
+def plot_panels(path: str, panels: list, lines: dict, rows: int = 1, bars: tuple = ()):
+    """The one way training curves are drawn (plots.png here, report.py's curves.png): a panel per
     (key, title) of `panels`, in `rows` rows, and in each a line per label of
-    lines = {label: {key: (steps, values, low, high)}}, shaded from low to high (None: no band)."""
+    lines = {label: {key: (steps, values, low, high)}} that has the key, shaded from low to high
+    (None: no band), or with error bars from low to high for the keys in `bars` (a few measured
+    points, where a band would invent the values in between). Returns the figure, saved, closed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,17 +188,27 @@ def plot_panels(path: str, panels: list, lines: dict, rows: int = 1):
     fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.2 * rows), squeeze=False)
     for label, curves in lines.items():
         for ax, (key, title) in zip(axes.flat, panels):
+            if key not in curves:
+                continue
             steps, values, low, high = curves[key]
-            line, = ax.plot(steps, values, marker=".", label=label)
-            if low is not None:
-                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+            if key in bars:
+                below = [v - lo for v, lo in zip(values, low)]
+                above = [hi - v for v, hi in zip(values, high)]
+                ax.errorbar(steps, values, yerr=[below, above], marker="o", capsize=3, label=label)
+            else:
+                line, = ax.plot(steps, values, marker=".", label=label)
+                if low is not None:
+                    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")  # the grid's spare cells
     if len(lines) > 1:
         axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def summarise(cfg, precision, minutes: float, ckpt_dir: str) -> dict:
@@ -177,14 +220,18 @@ def summarise(cfg, precision, minutes: float, ckpt_dir: str) -> dict:
     summary = {"steps": cfg.steps, "minutes": minutes, "checkpoint": ckpt_dir,
                "device": str(precision.device), "precision": precision.name}
     if last is not None:
-        summary.update(final_accuracy=last["accuracy"], final_se=last["accuracy_se"])
+        summary.update(final_accuracy=last["accuracy"], final_se=last["accuracy_se"],
+                       final_truncated=last.get("truncated"))
     if first is not None and last is not None:
         # two independent proportions: the standard error of their difference
         se = math.sqrt(first["accuracy_se"] ** 2 + last["accuracy_se"] ** 2)
-        summary.update(start_accuracy=first["accuracy"], start_se=first["accuracy_se"], diff_se=se)
+        summary.update(start_accuracy=first["accuracy"], start_se=first["accuracy_se"],
+                       start_truncated=first.get("truncated"), diff_se=se)
         diff = last["accuracy"] - first["accuracy"]
+        cut_off = (f"; cut off {100 * first['truncated']:.0f}% -> {100 * last['truncated']:.0f}%"
+                   if "truncated" in first and "truncated" in last else "")  # (older runs' rows lack it)
         print(f"held-out pass@1 {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
-              f"(difference {diff:+.3f}, {(diff / se if se else 0):.1f} standard errors)")
+              f"(difference {diff:+.3f}, {(diff / se if se else 0):.1f} standard errors{cut_off})")
     print(f"done in {minutes:.1f} min; checkpoint in {ckpt_dir}, metrics and plots.png in "
           f"{cfg.out_dir}")
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:

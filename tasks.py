@@ -12,7 +12,7 @@ on any of them.
 
     load_problems("arith:2", split="test", limit=8)            # built in: offline, generated from a seed
     load_problems("gsm8k", split="train")                      # the hub (or its cache)
-    load_problems("../shared/data/math500_test.jsonl")         # a local .jsonl/.json/.parquet file
+    load_problems("my_math500.jsonl")                          # a local .jsonl/.json/.parquet file
 
 Simplifications, said up front:
   1. `arith` is generated from a seed, so that everything runs offline; the hub benchmarks (GSM8K,
@@ -140,11 +140,12 @@ def _load_hub(name: str, split: str):
     try:
         return datasets.load_dataset(repo, config, split=splits[split])
     except (ConnectionError, OSError) as e:
-        local = f"--task ../shared/data/{name}_{split}.jsonl"
+        fix = f"download its {split} split as a .jsonl file and pass its path: "
+        fix += f"--task {name}_{split}.jsonl"
         if split == "train" and "test" in splits:  # a training run: its held-out problems need their own file
-            local += f" --eval_task ../shared/data/{name}_test.jsonl"
+            fix += f" --eval_task {name}_test.jsonl (its test split, for the held-out problems)"
         reason = "the Hugging Face hub cannot be reached" if offline else f"loading it failed ({type(e).__name__})"
-        raise ValueError(f"cannot load {name} ({repo}): {reason}; pass a local file instead, e.g. {local}") from None
+        raise ValueError(f"cannot load {name} ({repo}): {reason}; {fix}") from None
     finally:
         datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 

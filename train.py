@@ -38,7 +38,8 @@ Our choices, and where we simplify against the paper (its Appendix B):
      rollout and lr 1e-5 (a small model at 1e-6 barely moves in a few steps), so it fits 15 minutes.
      With one update per rollout the ratio is exactly 1 and clipping never acts (clip_frac 0): the
      update is REINFORCE with a token-mean loss; --mini_batches > 1 makes the clip matter.
-  6. Reward 1 correct / 0 wrong (the paper uses +1/-1: identical after the group z-score).
+  6. Reward 1 correct / 0 wrong (the paper uses +1/-1: identical after the group z-score); a
+     cut-off answer (at max_new_tokens) is wrong: it never gave its final answer (grader.py: why).
   7. PPO: the critic is our decoder with a scalar head, started from the policy's weights, its own
      AdamW (lr 2x the actor's), a clipped value loss, GAE with gamma = lambda = 1, and
      `critic_warmup` steps that train only the critic. Simpler than veRL: one value per token from the
@@ -65,7 +66,7 @@ from advantage import (explained_variance, gae_advantages, group_advantages, mas
                        zero_spread)
 from cli import check_context
 from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
-from grader import is_correct
+from grader import grade_response
 from flags import parse_args
 from metrics import MetricsLogger, Watch, plot_metrics, summarise
 from load import find_model, load_model
@@ -105,7 +106,7 @@ class Config:
     # --- rollout
     prompts_per_step: int = 4  # B prompts per step (the paper: 512)
     group_size: int = 8  # G samples per prompt (the paper: 8)
-    max_new_tokens: int = 40  # response budget (the paper: 8K)
+    max_new_tokens: int = 40  # response budget (the paper: 8K); an answer cut off by it scores 0
     temperature: float = 1.0  # training temperature (the paper: 1.0)
     top_p: float = 1.0
     # --- optimisation
@@ -206,11 +207,13 @@ def roll_out(cfg: Config, actor: Learner, tokenizer, batch: list, step: int) -> 
 
 def grade(reward_fn, rollout: Rollout, batch: list, device) -> torch.Tensor:
     """Each answer's reward against its problem (answer i belongs to prompt i // G) -> (N,).
-    reward_fn(text, problem) -> float; None: 1.0 when is_correct against the gold answer, else 0.0."""
-    reward_fn = reward_fn or (lambda text, p: float(is_correct(text, p.answer)))
-    G = rollout.group_size
-    return torch.tensor([reward_fn(text, batch[i // G]) for i, text in enumerate(rollout.texts)],
-                        dtype=torch.float32, device=device)
+    None: 1.0 for a right answer that stopped before max_new_tokens, else 0.0 (a cut-off answer
+    is wrong: grader.grade_response). A custom reward_fn(text, problem) -> float sees every answer,
+    cut-off ones included, and decides for itself (a length or format reward may score them)."""
+    G, stopped = rollout.group_size, rollout.stopped.tolist()
+    scores = [float(grade_response(text, batch[i // G].answer, stopped[i])) if reward_fn is None
+              else reward_fn(text, batch[i // G]) for i, text in enumerate(rollout.texts)]
+    return torch.tensor(scores, dtype=torch.float32, device=device)
 
 
 def compute_advantages(cfg, rollout: Rollout, rewards, values=None):
@@ -230,8 +233,8 @@ def compute_advantages(cfg, rollout: Rollout, rewards, values=None):
 
 
 def train(cfg: Config, reward_fn=None, model=None, tokenizer=None, problems=None):
-    """Run cfg.steps steps; returns a summary dict. reward_fn(text, problem) -> float defaults to
-    is_correct against the problem's gold answer. model/tokenizer/problems can be passed in (tests)."""
+    """Run cfg.steps steps; returns a summary dict. reward_fn(text, problem) -> float: None = the
+    default reward (see grade()). model/tokenizer/problems can be passed in (tests)."""
     # 0) every check, the problems, the seeds, the precision: all before the folder and the model
     given, cfg = cfg, resolve_defaults(cfg)
     problems, held_out, precision = start_run(cfg, problems)
@@ -357,15 +360,17 @@ def show_progress(bar, record: dict):
 
 
 def evaluate_held_out(cfg: Config, actor: Learner, tokenizer, held_out: list, step: int, log) -> dict:
-    """Greedy pass@1 on the held-out problems, logged as an "eval" row of metrics.jsonl."""
+    """Greedy pass@1 on the held-out problems and the share cut off: metrics.jsonl's "eval" row."""
     actor.net.eval()
     with actor.amp():
         greedy = EvalSettings(n=1, ks=[1], temperature=0, max_new_tokens=cfg.max_new_tokens, batch_prompts=cfg.eval_batch,
                               cuda_graph=cuda_graph_option(cfg.cuda_graph, cfg.device), progress=cfg.progress)
         res = evaluate(actor.net, tokenizer, held_out, greedy)
-    log({"kind": "eval", "step": step, "accuracy": res["accuracy"], "accuracy_se": res["accuracy_se"],
-         "num_problems": len(held_out), "mean_length": res["mean_length"]})
-    print(f"step {step}: held-out greedy pass@1 {res['accuracy']:.3f} +- {res['accuracy_se']:.3f} on {len(held_out)} problems")
+    row = {k: res[k] for k in ("accuracy", "accuracy_se", "mean_length", "truncated")}
+    log({"kind": "eval", "step": step, **row, "num_problems": len(held_out)})
+    cut = f"{100 * res['truncated']:.0f}% cut off at {cfg.max_new_tokens} tokens"
+    print(f"step {step}: held-out greedy pass@1 {res['accuracy']:.3f} +- {res['accuracy_se']:.3f}"
+          f" on {len(held_out)} problems, {cut}")
     return res
 
 

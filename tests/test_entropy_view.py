@@ -177,8 +177,8 @@ def test_command_line_end_to_end(tmp_path, tiny_folder, capsys):
     out = tmp_path / "view"
     ev.main(["--model", tiny_folder, "--task", "arith:1", "--limit", "3", "--n", "2", "--max-new-tokens", "8",
              "--device", "cpu", "--seed", "5", "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert "entropy (nats)" in printed and "\x1b[48;5;" in printed and "reflective" in printed
+    printed = capsys.readouterr().out  # captured, as in a pipe or a file: not a terminal
+    assert "\x1b[" not in printed and "plain text" in printed and "reflective" in printed
     stats = json.loads((out / "entropy_stats.json").read_text())
     assert stats["settings"]["n"] == 2 and stats["answers"] == 6 and "wait" in stats["word_lists"]["reflective"]
     g = stats["groups"]
@@ -194,6 +194,26 @@ def test_command_line_end_to_end(tmp_path, tiny_folder, capsys):
                temperature=0.6, top_p=0.95, seed=5)
     assert g["all"]["count"] == int(r.response_mask.sum())
     assert g["all"]["mean"] == pytest.approx((r.entropies.sum() / r.response_mask.sum()).item(), rel=1e-5)
+
+
+class Stream:
+    def __init__(self, tty):
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("choice,tty,environ,expected", [
+    ("auto", True, {}, True),
+    ("auto", False, {}, False),  # a pipe or a file: plain text
+    ("auto", True, {"NO_COLOR": "1"}, False),  # no-color.org
+    ("auto", True, {"NO_COLOR": ""}, True),  # set but empty: ignored, as the convention says
+    ("always", False, {"NO_COLOR": "1"}, True),  # an explicit flag wins
+    ("never", True, {}, False),
+])
+def test_colour_only_on_a_terminal_and_never_with_no_color(choice, tty, environ, expected):
+    assert ev.use_colour(choice, Stream(tty), environ) is expected
 
 
 @pytest.mark.parametrize("argv, message", [

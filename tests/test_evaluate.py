@@ -86,16 +86,18 @@ def test_evaluate_bookkeeping_with_a_scripted_sampler(monkeypatch, tmp_path):
     monkeypatch.setattr(rollout, "sample", fake_sample)
     monkeypatch.setattr(rollout, "format_prompt", lambda tok, q: "prompt: " + q)
     result = ev.evaluate(None, None, problems, EvalSettings(n=4, ks=[1, 2, 4], batch_prompts=2, progress=False), out_dir=str(tmp_path))
-    assert result["correct_counts"] == [1, 0, 4]
-    assert result["pass_at_k"] == pytest.approx({1: 5 / 12, 2: 1.5 / 3, 4: 2 / 3})
-    accs = [0.25, 0.0, 1.0]
+    assert result["correct_counts"] == [1, 0, 3]  # q2's fourth answer is right but cut off: wrong
+    assert result["pass_at_k"] == pytest.approx({1: 4 / 12, 2: 1.5 / 3, 4: 2 / 3})
+    accs = [0.25, 0.0, 0.75]
     mean = sum(accs) / 3
     assert result["accuracy"] == pytest.approx(mean)
     assert result["accuracy_se"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in accs) / 2 / 3))
     assert result["mean_length"] == pytest.approx(3.5) and result["mean_entropy"] == pytest.approx(0.5)
     assert result["truncated"] == pytest.approx(0.25)  # the rows of length 5 (of 5 columns) did not stop
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").open()]
-    assert len(samples) == 12 and sum(s["correct"] for s in samples) == 5
+    assert len(samples) == 12 and sum(s["correct"] for s in samples) == 4
+    cut = next(s for s in samples if s["id"] == "p2" and not s["stopped"])
+    assert cut["extracted"] == "7" and cut["correct"] is False  # the right number, cut off: wrong
     summary = ev.load_summary(str(tmp_path))
     assert summary["pass_at_k"] == pytest.approx(result["pass_at_k"]) and (tmp_path / "passk.png").stat().st_size > 0
     with pytest.raises(ValueError, match="at least 8 samples"):

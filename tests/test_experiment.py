@@ -203,9 +203,14 @@ def argv_for(folder, out, *extra):
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, tiny_folder):
-    """One finished experiment, shared by the tests that only read it."""
+    """One finished experiment, shared by the tests that only read it. The random model almost
+    never draws its stop token within 6 tokens, so under the cut-off rule (tested in test_grader.py
+    and test_train.py) its training would earn no reward at all; these tests are about the
+    experiment's bookkeeping, so its training reward reads the last number of every answer."""
     out = tmp_path_factory.mktemp("experiment") / "grpo"
-    experiment.main(argv_for(tiny_folder, out))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "grade_response", lambda text, gold, stopped: is_correct(text, gold))
+        experiment.main(argv_for(tiny_folder, out))
     return out
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-from grader import extract_answer, is_correct  # noqa: E402
+from grader import extract_answer, grade_response, is_correct  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
 # The table: (gold, prediction, expected), one line per case, grouped by kind. A bug report becomes
@@ -197,6 +197,26 @@ def test_table_is_big_enough():
 @pytest.mark.parametrize("kind,gold,prediction,expected", TABLE, ids=[f"{k[:12]}-{i}" for i, (k, *_) in enumerate(TABLE)])
 def test_grader_table(kind, gold, prediction, expected):
     assert is_correct(prediction, gold) is expected
+
+
+# A cut-off answer (stopped False: it ran into max_new_tokens) is wrong whatever number it ends
+# on, since it never gave its final answer; the same text that stopped is graded as usual. These
+# are the verdicts of grade_response, which training's default reward and evaluate.py both call.
+CUT_OFF = [  # (gold, response, stopped, expected)
+    ("17", "We add 12 + 5 = 17 and then we need to solve a", False, False),
+    ("17", "We add 12 + 5 = 17 and then we need to solve a", True, True),
+    ("45", "20 + 25 = 45 for a total sum of", False, False),
+    ("45", "20 + 25 = 45 for a total sum of", True, True),
+    ("8", r"so the answer is \boxed{8}", False, False),  # a closed box too: no exception
+    ("8", r"so the answer is \boxed{8}", True, True),
+    ("8", r"so the answer is \boxed{9}", True, False),
+    ("8", "", False, False),
+]
+
+
+@pytest.mark.parametrize("gold,response,stopped,expected", CUT_OFF)
+def test_a_cut_off_answer_is_wrong(gold, response, stopped, expected):
+    assert grade_response(response, gold, stopped) is expected
 
 
 # -----------------------------------------------------------------------------------------------

@@ -172,3 +172,15 @@ def test_files_and_functions_are_as_short_as_the_readme_says():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 60, f"{path.name}: {node.name} has {length} lines"
+
+
+def test_no_user_facing_text_names_paths_a_user_does_not_have():
+    """../shared/ (this project's data and tools beside the repository) and .ci/ (the maintainers'
+    GPU scripts) are not what a user has: the README, the scripts' help, messages and docstrings,
+    the presets and the notebook name what to do instead ("download GSM8K's test split as a .jsonl
+    file and pass its path")."""
+    files = [ROOT / "README.md", ROOT / "tutorial.ipynb", *ROOT.glob("*.py"), *ROOT.glob("config/*")]
+    named = [f"{path.name}:{i}: {line.strip()}" for path in files
+             for i, line in enumerate(path.read_text().splitlines(), 1)
+             if "../shared" in line or ".ci/" in line]
+    assert not named, "\n".join(named)

@@ -62,7 +62,7 @@ def test_resume_continues_exactly(tmp_path, tiny_folder):
     assert last(tmp_path / "a" / "run")["reward"] == last(b)["reward"]
 
 
-def test_command_line_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path, tiny_folder):
+def test_command_line_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path, tiny_folder, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "cli"
@@ -71,6 +71,10 @@ def test_command_line_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path
                 "--progress", "false"])
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["kind"] for r in rows] == ["eval", "train", "train", "eval"]
+    assert all(0 <= r["truncated"] <= 1 for r in rows if r["kind"] == "eval")  # by the accuracy
+    summary = json.load(open(out / "summary.json"))
+    assert "start_truncated" in summary and "final_truncated" in summary
+    assert capsys.readouterr().out.count("% cut off at 8 tokens") == 2  # start's and end's lines
     for key in ["reward", "zero_spread_groups", "entropy", "psi_mean", "cap_frac", "psi_ratio", "length", "truncated",
                 "clip_frac", "grad_norm", "lr", "rollout_s", "step_s"]:
         assert key in rows[1], key
@@ -416,14 +420,30 @@ def test_a_local_task_file_holds_out_a_fixed_share_never_trained_on(tmp_path):
     assert runs.load_tasks(cfg)[1] == held_out  # the same split on every run
 
 
+def test_the_default_reward_gives_a_cut_off_right_answer_0():
+    from rollout import Rollout
+    from tasks import Problem
+
+    texts = ["12 + 5 = 17, so", "12 + 5 = 17, so", r"so \boxed{17}", r"so \boxed{16}"]  # 3 right
+    stopped = torch.tensor([False, True, True, False])  # the first ran into max_new_tokens
+    rollout = Rollout(None, None, None, None, None, None, stopped, texts, group_size=4)
+    batch = [Problem("What is 12 + 5?", "17", "p0")]
+    assert train.grade(None, rollout, batch, "cpu").tolist() == [0.0, 1.0, 1.0, 0.0]
+    # a custom reward_fn sees every answer, cut-off ones included, and decides for itself
+    custom = train.grade(lambda text, p: float("17" in text), rollout, batch, "cpu")
+    assert custom.tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
 def test_warnings_say_what_looks_wrong(tmp_path, tiny_folder, capsys):
     """Reward 0 for 5 steps (so no spread either), answers cut off, a near-greedy policy; then temperature 0."""
     cfg = tiny_config(tmp_path, tiny_folder, steps=5, max_new_tokens=1, temperature=0.01)
     train.train(cfg, reward_fn=lambda text, p: 0.0)
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     said = capsys.readouterr().out
-    assert [len(r["warnings"]) for r in rows] == [2, 2, 3, 3, 4]  # cut off + entropy; no spread from 3; reward 0 at 5
-    for words in ("no signal", "cut off at --max_new_tokens 1", "collapsed", "reward 0 for 5 steps"):
+    # entropy from step 1; no spread from 3, and with it the cut-off warning; reward 0 at 5
+    assert [len(r["warnings"]) for r in rows] == [1, 1, 3, 3, 4]
+    assert said.count("note: an answer cut off at --max_new_tokens 1 scores 0") == 1  # at start
+    for words in ("no signal", "were cut off at --max_new_tokens 1", "collapsed", "reward 0 for 5 steps"):
         assert any(words in w for w in rows[-1]["warnings"]), words
         assert said.count(words) == 1, words  # printed once, when it starts
     train.train(tiny_config(tmp_path, tiny_folder, steps=1, temperature=0.0, overwrite=True), reward_fn=is_digit)

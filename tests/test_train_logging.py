@@ -84,3 +84,34 @@ def test_an_unknown_backend_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(["--log", "mlflow", "--out_dir", str(tmp_path), "--progress", "false"])
     assert stop.value.code == 2 and "--log must be tensorboard or wandb" in capsys.readouterr().err
+
+
+def test_plots_show_the_held_out_result_and_a_running_mean_of_the_reward(tmp_path):
+    """plots.png: the eval rows as held-out pass@1 with error bars of one standard error, and the
+    noisy training reward with its running mean beside the raw points."""
+    from matplotlib.container import ErrorbarContainer
+
+    from metrics import RUNNING_MEAN, plot_metrics
+
+    rewards = [0.19, 0.5, 0.25, 0.41, 0.31, 0.6, 0.19]
+    rows = [{"kind": "eval", "step": 0, "accuracy": 0.25, "accuracy_se": 0.04, "truncated": 0.84}]
+    rows += [{"kind": "train", "step": s + 1, "reward": r, "entropy": 0.5, "length": 30.0,
+              "psi_ratio": 0.4, "truncated": 0.5} for s, r in enumerate(rewards)]
+    rows += [{"kind": "eval", "step": 7, "accuracy": 0.75, "accuracy_se": 0.03, "truncated": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot_metrics(str(tmp_path))
+    assert (tmp_path / "plots.png").stat().st_size > 1000
+    held_out = next(ax for ax in fig.axes if "held-out" in ax.get_title())
+    bars = [c for c in held_out.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1
+    data_line, _, (segments,) = bars[0]
+    assert data_line.get_xydata().tolist() == [[0, 0.25], [7, 0.75]]
+    spans = sorted((round(s[0][1], 6), round(s[1][1], 6)) for s in segments.get_segments())
+    assert spans == [(0.21, 0.29), (0.72, 0.78)]  # accuracy +- one standard error
+    reward = next(ax for ax in fig.axes if "reward" in ax.get_title())
+    labelled = {line.get_label(): line.get_ydata().tolist() for line in reward.lines}
+    assert labelled["each step"] == rewards
+    window = [rewards[max(0, i + 1 - RUNNING_MEAN) : i + 1] for i in range(len(rewards))]
+    means = [sum(w) / len(w) for w in window]
+    assert labelled[f"running mean of {RUNNING_MEAN} steps"] == pytest.approx(means)
+    assert [t.get_text() for t in reward.get_legend().get_texts()] == list(labelled)
