@@ -144,6 +144,22 @@ def sample_problems(model, tokenizer, problems: list, s: EvalSettings):
                             cuda_graph=s.cuda_graph)
 
 
+def grade_answers(batch: list, r, n: int, grader: str) -> list:
+    """One sampled batch's answers (n per problem, in the problems' order) -> a record each: the
+    answer, what the grader read from it, whether it counts (a cut-off answer is graded wrong, as in
+    training: grader.grade_response), its length and mean token entropy. samples.jsonl holds these."""
+    lengths = r.response_mask.sum(-1)  # (N,) tokens per answer, the stop token included
+    entropy_sums = (r.entropies * r.response_mask).sum(-1)  # (N,)
+    stopped = r.stopped.tolist()  # (N,): False = cut off by max_new_tokens
+    records = []
+    for j, text in enumerate(r.texts):
+        p, length = batch[j // n], int(lengths[j])
+        records.append({"id": p.id, "gold": p.answer, "response": text, "extracted": extract_answer(text),
+                        "correct": grade_response(text, p.answer, stopped[j], grader), "length": length,
+                        "mean_entropy": entropy_sums[j].item() / max(length, 1), "stopped": stopped[j]})
+    return records
+
+
 def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | None = None, info: dict | None = None) -> dict:
     """Sample s.n answers per problem, grade them, and summarise.
 
@@ -163,25 +179,14 @@ def evaluate(model, tokenizer, problems: list, s: EvalSettings, out_dir: str | N
         raise ValueError(f"need at least one problem and batch_prompts >= 1, got {len(problems)} and {s.batch_prompts}")
     for k in ks:
         pass_at_k(n, 0, k)  # raises a clear error for k > n before any sampling
-    counts, records = [], []
-    tokens = entropy_sum = truncated = 0.0
+    counts, records, entropy_sum = [], [], 0.0
     for batch, r in until_ctrl_c(sample_problems(model, tokenizer, problems, s)):
-        lengths = r.response_mask.sum(-1)  # (N,) tokens per answer, the stop token included
-        entropy_sums = (r.entropies * r.response_mask).sum(-1)  # (N,)
-        tokens += lengths.sum().item()
-        entropy_sum += entropy_sums.sum().item()
-        truncated += (~r.stopped).sum().item()
-        stopped = r.stopped.tolist()  # (N,): False = cut off by max_new_tokens, so graded wrong
-        for i, p in enumerate(batch):
-            rows = range(i * n, (i + 1) * n)
-            grades = [grade_response(r.texts[j], p.answer, stopped[j], s.grader) for j in rows]
-            counts.append(sum(grades))
-            for j, ok in zip(rows, grades):
-                length = int(lengths[j])
-                records.append({"id": p.id, "gold": p.answer, "response": r.texts[j],
-                                "extracted": extract_answer(r.texts[j]), "correct": ok, "length": length,
-                                "mean_entropy": entropy_sums[j].item() / max(length, 1),
-                                "stopped": bool(r.stopped[j])})
+        entropy_sum += (r.entropies * r.response_mask).sum(-1).sum().item()  # over every response token
+        graded = grade_answers(batch, r, n, s.grader)  # one record per answer, n per problem in a row
+        records += graded
+        counts += [sum(g["correct"] for g in graded[i * n : (i + 1) * n]) for i in range(len(batch))]
+    tokens = sum(g["length"] for g in records)
+    truncated = sum(not g["stopped"] for g in records)
     done = problems[: len(counts)]  # every problem, unless a Ctrl-C stopped the sampling early
     if not done:
         raise KeyboardInterrupt  # nothing sampled, nothing to save
