@@ -3,7 +3,7 @@ one_update.py -- the paper's mechanism in one update, for a class. From the same
 same rollout, one update with alpha 0 (plain GRPO) and one with alpha 0.4 (the entropy advantage):
 what each does to right answers, wrong answers and the token entropy, paired over seeds.
 
-    python one_update.py                          # 8 seeds, SmolLM2-135M on arith, 2 CPU cores
+    python one_update.py                          # 8 seeds, SmolLM2-135M on arith, on CPU
     python one_update.py --seeds 16 --out out/one_update16   # more seeds, narrower intervals
     python one_update.py --help                   # every option
 
@@ -15,8 +15,12 @@ policy surer of what it sampled. So, alpha 0.4 minus alpha 0, on the same rollou
   1. right answers: the log-probability per token rises more (difference > 0)
   2. wrong answers: the log-probability per token falls less (difference > 0)
   3. the token entropy falls more (difference < 0), on the rollout's answers and on fixed probe
-     answers. The paper (its Section 6) reports this sign over a whole run: mean entropy 0.17 with
-     the entropy advantage, 0.34 without, at step 2000. The bonus does not raise entropy.
+     answers. This is the paper's sign over a whole run (its Section 6: mean entropy 0.17 with the
+     entropy advantage, 0.34 without, at step 2000); the bonus does not raise entropy. In one
+     update it is faint: 1 and 2 follow from each answer's own gradient, while a bonus on the
+     sampled token that does not depend on which token was sampled changes nothing at first
+     order in lr, averaged over the sampling (E[grad log pi] = 0). Its sharpening is a second-
+     order effect, so 8 seeds may well leave 0 inside the interval; the printout marks the row.
   4. the cap-binding share: of the tokens with A != 0, those where psi is the whole |A| / kappa
      (the 1.5 A and 0.5 A above). The larger it is, the more the two updates differ.
 
@@ -45,7 +49,8 @@ Our choices:
     answers already gain tenths of a nat per token; at 1e-4 about a nat, no longer a small step.
   - The size: 2 prompts x 8 answers of up to 40 tokens on arith, at temperature 1.0 (the paper's
     training temperature, where SmolLM2 gets about one answer in five right, so most groups have
-    a reward spread); what lets 8 seeds fit 10 minutes of CPU (docs/class_demo.md).
+    a reward spread). 8 seeds take about 11 minutes of CPU time: an estimated 6 to 7 minutes on
+    2 idle cores (docs/class_demo.md).
 """
 
 import dataclasses
@@ -60,7 +65,7 @@ import torch
 import train
 from advantage import entropy_shaped_advantages, masked_mean
 from cli import OneLineParser, check_context, make_out_folder
-from load import load_model
+from load import find_model, load_model
 from rollout import Rollout, format_prompt, sample, score_responses
 from runs import batches_of_problems, choose_precision, load_tasks
 from update import Learner, MicroBatchPlan, make_learners, score_before_update, update
@@ -180,7 +185,11 @@ def demonstrate(cfg, seeds: list, num_probes: int, out: str, reward_fn=None, mod
     the results. cfg: a train.Config whose alpha is the entropy arm's. reward_fn(text, problem) ->
     float (None: graded against the gold answer), model and tokenizer: for the tests."""
     t0, cpu0 = time.time(), time.process_time()
+    # every check before anything slow: the task, the model's file or folder, the output folder
     problems, held_out = load_tasks(dataclasses.replace(cfg, eval_problems=num_probes))
+    if model is None:
+        find_model(cfg.model)
+    make_out_folder(out)
     precision = choose_precision(cfg.device, cfg.dtype)
     if model is None:
         model, tokenizer = load_model(cfg.model, device=precision.device, dtype=torch.float32)
@@ -235,22 +244,26 @@ def summarise(cfg, records: list, num_probes: int, minutes: dict) -> dict:
 def printout(results: dict) -> str:
     """The table a class reads: what the maths predicts beside what one update did."""
     st, s, n = results["settings"], results["summary"], results["seeds_used"]
-    alpha = f"alpha {st['alpha']:g}"
+    alpha = f"alpha {st['alpha']:g}"  # the entropy arm's
     sign = {1: "> 0", -1: "< 0", 0: "0"}
-    lines = [f"One update of {st['model']} on {st['task']}: {st['prompts_per_step']} prompts x "
+    lines = [f"One update of {st['model']} on {st['task']}, {st['prompts_per_step']} prompts x "
              f"{st['group_size']} answers (up to {st['max_new_tokens']} tokens, temperature "
-             f"{st['temperature']:g}), lr {st['lr']:g}, from the same weights and rollout",
-             f"with alpha 0 and with {alpha}; {n} seeds, paired. Per token, means over seeds:", "",
+             f"{st['temperature']:g}), lr {st['lr']:g}:",
+             f"from the same weights and rollout, alpha 0 and {alpha}: {n} seeds.",
+             "Per answer token, the mean over seeds of each arm's change and their difference:",
+             "",
              f"{'':32} {'alpha 0':>8} {alpha:>9}  {'difference [95% t-interval]':<28} "
-             "predicted  measured"]
+             f"{'predicted':>9}  measured"]
     for q in QUANTITIES:
         d, row = s[q]["difference"], s[q]
         interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
         zero = "0 outside the interval" if row["excludes_zero"] else "0 inside the interval"
         means = f"{row['alpha0']['mean']:+8.4f} {row['alpha']['mean']:+9.4f}"
         predicted, measured = sign[row["predicted_sign"]], sign[row["measured_sign"]]
+        predicted += "*" if q.endswith("entropy") else " "
         lines.append(f"{row['label']:32} {means}  {interval:<28} {predicted:>9}  "
                      f"{measured} ({zero})")
+    lines.append("* the paper's sign over a whole run; one update moves the entropy only faintly")
     c = s["cap_frac"]
     lines += ["", f"cap-binding share {c['mean']:.2f} [{c['low']:.2f}, {c['high']:.2f}] of the "
               "answer tokens with A != 0:",
@@ -269,7 +282,7 @@ def printout(results: dict) -> str:
 
 
 def parse(argv) -> tuple:
-    """argv -> (train.Config, seeds, probes, out), every value checked before anything slow."""
+    """argv -> (train.Config, seeds, probes, out), the values' ranges and --out checked."""
     p = OneLineParser(description="One update with alpha 0 and one with alpha 0.4 from the same "
                       "weights and rollout, paired over seeds, beside what the maths predicts.")
     p.add_argument("--seeds", type=int, default=8, help="seeds 0, 1, ...: a rollout each")
@@ -281,8 +294,10 @@ def parse(argv) -> tuple:
     p.add_argument("--prompts-per-step", type=int, default=SIZE["prompts_per_step"],
                    help="B prompts in a rollout")
     p.add_argument("--group-size", type=int, default=SIZE["group_size"], help="G answers a prompt")
-    p.add_argument("--max-new-tokens", type=int, default=SIZE["max_new_tokens"], help="in tokens")
-    p.add_argument("--temperature", type=float, default=SIZE["temperature"], help="the sampling's")
+    p.add_argument("--max-new-tokens", type=int, default=SIZE["max_new_tokens"],
+                   help="an answer's budget in tokens")
+    p.add_argument("--temperature", type=float, default=SIZE["temperature"],
+                   help="the sampling temperature (the paper trains at 1.0)")
     p.add_argument("--probes", type=int, default=PROBES, help="held-out problems (an answer each)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", default="out/one_update", help="results.json, results.txt")
@@ -301,7 +316,6 @@ def parse(argv) -> tuple:
     if os.path.isfile(os.path.join(a.out, "results.json")) and a.overwrite == "false":
         raise ValueError(f"--out {a.out} holds results already: pass --overwrite true to replace "
                          "them, or another --out")
-    make_out_folder(a.out)
     return cfg, list(range(a.seeds)), a.probes, a.out
 
 
