@@ -49,8 +49,8 @@ Our choices:
     answers already gain tenths of a nat per token; at 1e-4 about a nat, no longer a small step.
   - The size: 2 prompts x 8 answers of up to 40 tokens on arith, at temperature 1.0 (the paper's
     training temperature, where SmolLM2 got 6% to 25% of a rollout's answers right, so most groups
-    have a reward spread). 8 seeds take about 11 minutes of CPU time: an estimated 6 to 7 minutes on
-    2 idle cores (docs/class_demo.md).
+    have a reward spread). 8 seeds take about 11 minutes of CPU time: an estimated 6 to 7
+    minutes on 2 idle cores (docs/class_demo.md).
 """
 
 import dataclasses
