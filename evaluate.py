@@ -146,17 +146,19 @@ def sample_problems(model, tokenizer, problems: list, s: EvalSettings):
 
 def grade_answers(batch: list, r, n: int, grader: str) -> list:
     """One sampled batch's answers (n per problem, in the problems' order) -> a record each: the
-    answer, what the grader read from it, whether it counts (a cut-off answer is graded wrong, as in
-    training: grader.grade_response), its length and mean token entropy. samples.jsonl holds these."""
+    answer, what the grader read from it, whether it counts (a cut-off answer is graded wrong, as
+    in training: grader.grade_response), its length and mean token entropy (samples.jsonl)."""
     lengths = r.response_mask.sum(-1)  # (N,) tokens per answer, the stop token included
     entropy_sums = (r.entropies * r.response_mask).sum(-1)  # (N,)
     stopped = r.stopped.tolist()  # (N,): False = cut off by max_new_tokens
     records = []
     for j, text in enumerate(r.texts):
         p, length = batch[j // n], int(lengths[j])
-        records.append({"id": p.id, "gold": p.answer, "response": text, "extracted": extract_answer(text),
-                        "correct": grade_response(text, p.answer, stopped[j], grader), "length": length,
-                        "mean_entropy": entropy_sums[j].item() / max(length, 1), "stopped": stopped[j]})
+        records.append({"id": p.id, "gold": p.answer, "response": text,
+                        "extracted": extract_answer(text),
+                        "correct": grade_response(text, p.answer, stopped[j], grader),
+                        "length": length, "mean_entropy": entropy_sums[j].item() / max(length, 1),
+                        "stopped": stopped[j]})
     return records
 
 
