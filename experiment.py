@@ -42,20 +42,20 @@ K = 32 (report.ENDPOINT_K; n if smaller), the largest both sizes evaluate; other
 OUT is runs/experiment/<algo>-<size> unless --out_dir says otherwise.
 
 The sizes (train.py's other defaults stay: token-level loss, clip-higher 0.2/0.28, no KL, lr 1e-5).
-Both use arith:3 (two-digit sums and differences, two digits by one) with up to 192 new tokens: the
-README's task measurement says why (at 192 tokens the starting model has 5% of its answers cut off,
-pass@1 0.12 and pass@64 0.625). Both train at temperature 0.6 and top-p 0.95, the evaluation's
-settings, not the paper's 1.0: at 1.0 SmolLM2-135M rambles (29% of its answers cut off, 0.8% right
-on 32 training problems x 8), so 94% of the groups would have no reward spread and teach nothing;
-at 0.6 / 0.95 it is 7% cut off and 5.5% right (the README's table). The entropies the arms see are
-of that tempered policy.
+Both use arith:3 (two-digit sums and differences, two digits by one) with up to 192 new tokens:
+docs/results.md's task measurement says why (at 192 tokens the starting model has 5% of its answers
+cut off, pass@1 0.12 and pass@64 0.625). Both train at temperature 0.6 and top-p 0.95, the
+evaluation's settings, not the paper's 1.0: at 1.0 SmolLM2-135M rambles (29% of its answers cut
+off, 0.8% right on 32 training problems x 8), so 94% of the groups would have no reward spread and
+teach nothing; at 0.6 / 0.95 it is 7% cut off and 5.5% right (docs/results.md's table). The
+entropies the arms see are of that tempered policy.
   cpu  2 seeds x 2 arms x 8 steps of 4 prompts x 8 answers in 2 mini-batches (so the ratio moves off
        1 and the clip acts); 10 held-out problems x n = 32; 35 minutes on 2 cores (2026-11-28). Not a
-       test of the paper's claim: a 40-step plain run of this size kept a level reward (README).
+       test of the paper's claim: a plain run of 40 steps kept a level reward (docs/results.md).
   gpu  3 seeds x 2 arms x 12 steps of 32 prompts x 8 answers in 4 mini-batches; 48 held-out problems
-       x n = 256. About 10.4 minutes on an H200 from a one-seed run's stages (README: the start's
-       evaluation 1.3 min, a run 0.8-1.0 min, a trained model's evaluation 0.6 min); not yet run
-       whole. Plain's training reward was still rising at step 12 there (0.06 to 0.42).
+       x n = 256. About 10.4 minutes on an H200 from a one-seed run's stages (docs/results.md: the
+       start's evaluation 1.3 min, a run 0.8-1.0 min, a trained model's evaluation 0.6 min); not
+       yet run whole. Plain's training reward was still rising at step 12 there (0.06 to 0.42).
 """
 
 import dataclasses
@@ -101,7 +101,7 @@ HELP = f"""usage: python experiment.py [--size cpu|gpu] [--seeds K] [--arms plai
   --size   cpu (default): 2 seeds x 2 arms, 8 steps of 4 x 8 answers, 10 held-out problems, n = 32;
            measured at 35 minutes on 2 CPU cores.
            gpu: 3 seeds x 2 arms, 12 steps of 32 x 8 answers, 48 held-out problems, n = 256;
-           about 10.4 minutes on an H200 from a one-seed run's stages (not yet run whole: see the README).
+           estimated at 10.4 minutes on an H200 from one seed's stages (docs/results.md).
   --seeds  seeds per arm (--seed, --seed + 1, ...)
   --arms   comma-separated, from: {", ".join(ARMS)} (plain must be one: differences are against it)
   --n      samples per held-out problem (Pass@K for K = 1..n)

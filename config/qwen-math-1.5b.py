@@ -1,4 +1,4 @@
-# Qwen2.5-Math-1.5B on MATH, the paper's recipe where it fits one 80 GB GPU (README "On one GPU")
+# Qwen2.5-Math-1.5B on MATH, the paper's recipe where it fits one 80 GB GPU (docs/one-gpu.md)
 #
 #   python train.py --preset qwen-math-1.5b                                            # the entropy run (alpha 0.4)
 #   python train.py --preset qwen-math-1.5b --alpha 0 --out_dir runs/qwen-math-1.5b-plain  # its plain-GRPO baseline

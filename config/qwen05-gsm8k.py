@@ -1,4 +1,4 @@
-# Qwen2.5-0.5B-Instruct on GSM8K, on one GPU (README "On one GPU")
+# Qwen2.5-0.5B-Instruct on GSM8K, on one GPU (docs/one-gpu.md)
 #
 #   python train.py --preset qwen05-gsm8k                                          # the entropy run (alpha 0.4)
 #   python train.py --preset qwen05-gsm8k --alpha 0 --out_dir runs/qwen05-gsm8k-plain   # its plain-GRPO baseline
