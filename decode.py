@@ -64,9 +64,9 @@ class EagerDecoder:
 # The decode step on a GPU: recorded once as a CUDA graph, replayed every token
 
 # A decode step of a small model is about a thousand small kernels, and launching them one by one
-# from Python takes longer than the GPU needs to run them: measured on an H200, an eager step cost
-# ~100 ms whatever the batch, a replayed graph 6-12 ms. A CUDA graph records the kernels of one
-# step once and replays them with a single launch. It fixes shapes and memory addresses, so
+# from Python takes longer than the GPU needs to run them (docs/speed.md has an H200's numbers). A
+# CUDA graph records the kernels of one step once and replays them with a single launch. It fixes
+# shapes and memory addresses, so
 #   * the tokens go in through a buffer we copy into, the logits come out in a buffer the graph
 #     owns (overwritten by the next replay), and the KV cache is static (see KVCache);
 #   * a graph serves one (rows, cache length) shape. So that a whole run records a handful of graphs
@@ -184,8 +184,8 @@ def cast_weights(model) -> dict:
     optimiser steps between rollouts), so DecodeGraph.load casts them once per call instead: the
     same bfloat16 numbers. Embedding and norms stay float32, as under autocast. One set of copies
     per model and dtype, shared by all its graphs (each graph reads them at fixed addresses).
-    With the norms' single casts (model.RMSNorm), a Qwen2.5-0.5B decode step went from 1,286
-    operations to 777 (README, Speed); tests/test_rollout.py counts the casts left.
+    With the norms' single casts (model.RMSNorm) this removes about two fifths of a decode step's
+    operations (docs/speed.md counts them); tests/test_rollout.py counts the casts left.
     """
     device = model.device.type
     if not torch.is_autocast_enabled(device):

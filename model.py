@@ -277,14 +277,13 @@ class Transformer(nn.Module):
         """Store each projection's (out, in) weight as the transpose of a contiguous (in, out) matrix:
         same values, shapes and state_dict, another order in memory (GPT-2's checkpoints use it).
 
-        Why: a decode step multiplies a few rows (N, D) by every weight once, and a CPU's matrix-product
-        kernel is faster when the weight lies in memory as the (in, out) matrix that x @ W reads: 35
-        against 38 ms for a SmolLM2 step's projections at 16 rows, 9.15 against 9.5 s for a call of
-        bench row 1. Training loses nothing measurable (steps -0.74 s [-1.65, +0.15] against row-major,
-        10 pairs of processes: README, Speed). In bfloat16 the usual layout is faster (39.5 against 41
-        ms) and GPUs are not measured, so load.model_from_hf applies it to float32 on a CPU only (under
-        CPU bfloat16 autocast the cast copies keep it: not measured). The LM head is left alone: no
-        difference at its shape, and a tied head is the embedding, looked up by rows.
+        Why: a decode step multiplies a few rows (N, D) by every weight once, and a CPU's
+        matrix-product kernel is faster when the weight lies in memory as the (in, out) matrix that
+        x @ W reads; training loses nothing measurable (docs/speed.md, row 1, times both). In
+        bfloat16 the usual layout is faster and GPUs are not measured, so load.model_from_hf
+        applies it to float32 on a CPU only (under CPU bfloat16 autocast the cast copies keep it:
+        not measured). The LM head is left alone: no difference at its shape, and a tied head is
+        the embedding, looked up by rows.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear) and m is not self.lm_head:

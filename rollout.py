@@ -157,11 +157,10 @@ def nucleus_draw(logits, temperature, top_p, generator, window=None, spare_rows=
     The tokens are put in order of probability, most likely first; those after the set (the mass
     before them already exceeds top_p) get probability 0; the draw runs over that order, and the
     token id is looked up at the end.
-    Why a window: sorting the whole vocabulary is the slow part: 35 ms a step for 16 x 49152 on a
-    CPU, as long as the model's forward; 11 ms for 1,024 x 151,936 on an H200, longer than the
-    forward. But the set is small: at temperature 0.6 SmolLM2's was 2 tokens at the median and 33
-    at most over 1,821 answer tokens. So we take the `window` most likely tokens (topk: 1.7 ms on
-    that CPU). A row whose set fits draws what the full sort would draw for the same random number
+    Why a window: sorting the whole vocabulary is the slow part, as long as the forward on a CPU
+    and longer on a GPU. But the set is small: a few tokens at temperature 0.6 (docs/speed.md,
+    row 1c, counts the sets and times both ways). So we take the `window` most likely tokens (topk,
+    cheap). A row whose set fits draws what the full sort would draw for the same random number
     (same probabilities, same order); one whose set spills draws from the window alone, which is
     wrong, and says so in `fits`: sample() then draws that step again with the full sort and the
     same random numbers (it looks at `fits` when it next asks the device anything).
@@ -207,7 +206,7 @@ def inverse_cdf_draw(probs, generator=None, block=256, u=None):
     Why float64: the tail's tiny probabilities keep their digits, and logits that differ only in
     their last bits (the CUDA-graph path and the eager one) draw the same tokens. A float32 running
     sum rounds each of the V boundaries by up to 6e-8, and the two paths then parted in 1 of 216
-    draws of tests/test_rollout.py's comparison (README, Speed).
+    draws of tests/test_rollout.py's comparison (docs/speed.md, row 1).
     Why two stages: a float64 running sum over all V entries makes (N, V) tensors of 8-byte numbers,
     15 MB a step at 16 rows, and the allocator handed that memory back to the kernel and took it
     again every step (thousands of page faults a step on a CPU). So we first pick a block of `block`

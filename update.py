@@ -290,10 +290,9 @@ def score_before_update(cfg, rollout: Rollout, actor: Learner, critic: Learner |
 # -----------------------------------------------------------------------------------------------
 # Micro-batches sized by memory
 
-CPU_MICRO_BATCH = 8  # rows. On 2 idle CPU cores (float32, SmolLM2, 32 rows x 110 tokens, 2026-11-28) a
-#                     step took 11.7 s in micro-batches of 8, 11.9 of 16, 12.1 of 4, 12.2 of 32: a CPU has no
-#                     launch overhead to amortise, so the size barely matters; 8 measured fastest.
-#                     Recomputation made it 12.5 s (7% slower), so a CPU never recomputes under auto.
+CPU_MICRO_BATCH = 8  # rows. A CPU has no launch overhead to amortise, so the size barely matters:
+#                     8 was the fastest of 4 to 32, and recomputation only cost time, so a CPU
+#                     never recomputes under auto (docs/speed.md times both).
 PROBE_ROWS = 8  # rows of the first GPU micro-batch, whose peak memory is measured
 MEMORY_SHARE = 0.8  # of the free GPU memory, what one micro-batch's activations may take
 
