@@ -126,15 +126,30 @@ def paper_config(**overrides) -> GRPOConfig:
 # The command line: one of our tasks, our grader as the reward
 
 
+def reward_function(max_completion_length: int, eos_token_id: int):
+    """train.py's default reward for TRL: 1 for a right answer that finished, 0 otherwise. A
+    completion cut off at max_completion_length is wrong, as in train.py and evaluate.py
+    (grader.grade_response). TRL hands the reward each completion's token ids up to and including
+    its first stop token, so one shorter than the budget, or ending on EOS, finished."""
+    from grader import grade_response
+
+    def correct(completions, answer, completion_ids, **kwargs):  # TRL passes the dataset's columns by name
+        stopped = [len(ids) < max_completion_length or (len(ids) > 0 and ids[-1] == eos_token_id)
+                   for ids in completion_ids]
+        return [float(grade_response(c, a, s)) for c, a, s in zip(completions, answer, stopped)]
+
+    return correct
+
+
 def main(argv=None):
-    """Train on --task with `grader.is_correct` as the reward. Flags: ours below, and every GRPOConfig field."""
+    """Train on --task with train.py's default reward (grader.grade_response). Flags: ours below, and every GRPOConfig field."""
     from dataclasses import dataclass
 
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import TrlParser
 
-    from grader import is_correct  # this repository's files: only the command line needs them
+    # this repository's files: only the command line needs them
     from tasks import load_problems
     from rollout import format_prompt
 
@@ -154,9 +169,7 @@ def main(argv=None):
     # Prompts as finished text (our chat template and system prompt), so TRL and train.py see the same input.
     data = Dataset.from_list([{"prompt": format_prompt(tokenizer, p.question), "answer": p.answer} for p in problems])
 
-    def correct(completions, answer, **kwargs):  # TRL passes the dataset's other columns by name
-        return [float(is_correct(c, a)) for c, a in zip(completions, answer)]
-
+    correct = reward_function(config.max_completion_length, tokenizer.eos_token_id)
     trainer = EntropyAdvantageGRPOTrainer(model=script.model, reward_funcs=correct, args=config, train_dataset=data,
                                           processing_class=tokenizer, alpha=script.alpha, kappa=script.kappa)
     trainer.train()

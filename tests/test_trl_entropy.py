@@ -150,3 +150,14 @@ def test_the_command_line_trains_one_step_on_our_task(tmp_path, tiny_folder):
     assert trainer.state.global_step == 1 and trainer.alpha == 0.4 and trainer.args.epsilon_high == 0.28
     assert any("entropy_adv/psi_mean" in row for row in trainer.state.log_history)
     assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("text, ids, expected", [
+    ("7 * 8 = 56", [5, 6, 2], 1.0),           # finished before the budget of 4 tokens: graded
+    ("7 * 8 = 56", [5, 6, 7, 2], 1.0),        # finished on its last allowed token (2 = EOS)
+    ("7 * 8 = 56", [5, 6, 7, 8], 0.0),        # cut off at the budget: wrong, right number or not
+    ("7 * 8 = 54", [5, 6, 2], 0.0),           # finished, wrong
+])
+def test_the_trl_reward_grades_a_cut_off_answer_wrong_as_train_py_does(text, ids, expected):
+    correct = trl_entropy.reward_function(max_completion_length=4, eos_token_id=2)
+    assert correct(completions=[text], answer=["56"], completion_ids=[ids], trainer_state=None) == [expected]
