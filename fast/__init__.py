@@ -1,0 +1,9 @@
+"""
+fast/ -- the fast paths: code that changes no number, only how quickly or in how much memory the
+numbers are made.
+
+A student never needs to open this folder to follow the method. The reference path (rollout.py's
+`sample`, train.py's loop) is what the paper's algorithm is; each module here does the same work
+faster and is chosen by one switch where the reference path would run. The tests prove that each
+gives the reference's tokens, log-probabilities, entropies and gradients.
+"""
