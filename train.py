@@ -288,7 +288,7 @@ def update(cfg: Config, actor: Learner | None, critic: Learner | None, rollout: 
                             logp, ent = score_responses(actor.net, part, cfg.temperature)
                         # 1) the paper's line, A_t + min(alpha * H_t.detach(), |A_t| / kappa)
                         adv = entropy_shaped_advantages(part_old.adv, ent, cfg.alpha, cfg.kappa)
-                        # 2) log pi_old; one mini-batch: the policy has not moved, so this forward's
+                        # 2) log pi_old: with one mini-batch, this forward's own (ratio exactly 1)
                         logp_old = logp.detach() if part_old.logprobs is None else part_old.logprobs
                         # 3) the clipped surrogate (+ KL, entropy_coef terms), a token-level mean
                         loss, s = policy_loss(logp, logp_old, adv, mask, cfg.eps_low,
