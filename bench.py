@@ -482,7 +482,7 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
     """Row 6: one whole GRPO step of train.py against the obvious loop built from transformers."""
     import train
     from advantage import group_advantages
-    from update import MicroBatchPlan, Targets, make_learners, update
+    from update import OldScores, make_learners, micro_batch_plan
 
     B, G, new = S["r6_prompts"], S["r6_group"], S["r6_new"]
     prompts = text_prompts(B, S["r6_prompt_len"], tok)
@@ -491,7 +491,7 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
     # these GPUs), AdamW; the baseline runs under the same autocast
     precision = choose_precision(device.type, "auto")
     actor, _ = make_learners(cfg, model, precision)
-    plan = MicroBatchPlan(cfg, device, [actor])
+    plan = micro_batch_plan(cfg, device, [actor])
 
     def ours():  # train.py's loop body: rollout -> reward -> advantages (+ the paper's term inside update) -> update
         model.eval()
@@ -500,7 +500,7 @@ def row_grpo_step(row, hf, model, tok, S, device, name):
         rewards = pseudo_rewards(rollout.texts, device)
         model.train()
         adv, _ = train.compute_advantages(cfg, rollout, rewards)
-        update(cfg, actor, None, rollout, Targets(adv), plan)  # (its forwards under actor.amp, as in train.py)
+        train.update(cfg, actor, None, rollout, OldScores(adv), plan)  # (its forwards under actor.amp)
 
     generate = hf_generate(hf, tok, prompts, G, new, keep=True)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)
@@ -590,11 +590,12 @@ def row_drop_stopped(model, tok, S, device):
 
 
 def row_cut_micro_batches(model, tok, S, device):
-    """Row 9: one update of train.py (score_before_update, then update: the CPU size's step, 4 arith:3
-    prompts x 8 answers in 2 mini-batches, micro-batches of 8 rows) with each micro-batch cut to the
-    columns its rows use and the longest answers together (update.rollout_rows, longest_first),
-    against micro-batches as wide as the rollout, in the rollout's order (the code before). Same
-    gradients (tests/test_train.py); lr 0, so the weights stay as they are for both."""
+    """Row 9: one update of train.py (score_old_policy, then update: the CPU size's step, 4 arith:3
+    prompts x 8 answers in 2 mini-batches, micro-batches of 8 rows) with fast/micro_batches.py's
+    plan (each micro-batch cut to the columns its rows use, the longest answers together), against
+    the reference's (update.MicroBatches: micro-batches as wide as the rollout, in the rollout's
+    order; update.FAST off). Same gradients (tests/test_train.py); lr 0, so the weights stay as
+    they are for both."""
     import train
     import update
     from rollout import format_prompt
@@ -605,27 +606,22 @@ def row_cut_micro_batches(model, tok, S, device):
     ro = sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=0.6, top_p=0.95, seed=3)
     cfg = train.resolve_defaults(train.Config(group_size=G, prompts_per_step=n, mini_batches=2, temperature=0.6, lr=0.0))
     actor = update.Learner(model, torch.optim.AdamW(model.parameters(), lr=0.0), torch.amp.GradScaler("cpu", enabled=False))
-    plan = update.MicroBatchPlan(cfg, device, [actor])
     adv = torch.randn(n * G, 1, generator=torch.Generator().manual_seed(1)).expand_as(ro.logprobs) * ro.response_mask
-    cut = update.rollout_rows, update.longest_first
-    whole = (lambda r, rows: Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.response_ids[rows], r.response_mask[rows],
-                                     r.logprobs[rows], r.entropies[rows], r.stopped[rows], [r.texts[i] for i in rows.tolist()],
-                                     r.group_size),
-             lambda r, rows: torch.arange(r.response_ids.shape[0])[rows])
 
-    def run(fns):
+    def run(fast):
         def go():
-            update.rollout_rows, update.longest_first = fns
+            update.FAST = fast
             try:
-                t = update.score_before_update(cfg, ro, actor, None, None, plan)
-                t.adv = adv
-                update.update(cfg, actor, None, ro, t, plan)
+                plan = update.micro_batch_plan(cfg, device, [actor])
+                old = update.score_old_policy(cfg, ro, actor, None, None, plan)
+                old.adv = adv
+                train.update(cfg, actor, None, ro, old, plan)
             finally:
-                update.rollout_rows, update.longest_first = cut
+                update.FAST = True
         return go
 
-    run(cut)()  # warm-up
-    t_ours, t_base = compare_times(run(cut), run(whole), repeats, device)
+    run(True)()  # warm-up
+    t_ours, t_base = compare_times(run(True), run(False), repeats, device)
     model.eval()
     lengths = ro.lengths
     what = f"micro-batches cut to their rows vs as wide as the rollout: one update, {n} arith:3 prompts x {G} answers (s)"

@@ -1,5 +1,6 @@
 """
-flags.py -- train.py's command line: --name value flags, presets from config/, and --help.
+flags.py -- train.py's command line: --name value flags, presets from config/, --help, and
+check_config(), which refuses a bad value before anything slow starts.
 
 All three are read from one place, train.py's Config: its fields are the options, their annotated
 types check the values (`alpha: float | None` also takes none), and the comment next to each field
@@ -20,9 +21,13 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import typing
+
+from evaluate import check_device, cuda_graph_option
+from metrics import MetricsLogger
 
 PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the folder of named presets
 
@@ -160,6 +165,51 @@ def checked(key: str, value, kind: type, optional: bool, at: str):
         example = {bool: "True or False", int: "a whole number", float: "a number", str: f"'{value}' in quotes"}[kind]
         raise ValueError(f"{at}: {key} = {value!r} should be {A_TYPE[kind]}: write {example}")
     return value
+
+
+# -----------------------------------------------------------------------------------------------
+# The values checked, all together, before anything slow starts
+
+
+def check_config(cfg):
+    """Refuse settings that would fail later, or silently train something else, with the fix named.
+    Takes a resolved Config (resolve_defaults); reads no file and loads nothing, so it is instant."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:  # (written as "ok", so a NaN, for which every comparison is False, is refused too)
+            problems.append(message)
+
+    need(cfg.group_size >= 2, "--group_size must be >= 2: GRPO compares answers within a group (the paper uses 8)")
+    need(1 < cfg.kappa < math.inf, "--kappa must be > 1 so the entropy bonus cannot flip an advantage's sign (the paper uses 2)")
+    need(0 <= cfg.alpha < math.inf, "--alpha must be >= 0 (0.4 for GRPO, 0.1 for PPO, 0 = off)")
+    need(0 < cfg.lr < math.inf and 0 < cfg.critic_lr < math.inf, "--lr and --critic_lr must be positive (the paper: 1e-6 and 2e-6)")
+    need(cfg.algo in ("grpo", "ppo"), f"--algo must be grpo or ppo, got '{cfg.algo}'")
+    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
+    for name in ("cuda_graph", "recompute"):
+        need(getattr(cfg, name) in ("auto", "true", "false"), f"--{name} must be auto, true or false, got '{getattr(cfg, name)}'")
+    need(str(cfg.micro_batch) == "auto" or (str(cfg.micro_batch).isdigit() and int(cfg.micro_batch) >= 1),
+         f"--micro_batch must be auto or a number of rows >= 1, got '{cfg.micro_batch}'")
+    need(cfg.steps >= 0 and cfg.prompts_per_step >= 1 and cfg.max_new_tokens >= 1,
+         "--steps must be >= 0; --prompts_per_step and --max_new_tokens >= 1")
+    need(cfg.mini_batches >= 1 and cfg.prompts_per_step % cfg.mini_batches == 0,
+         f"--mini_batches must divide --prompts_per_step ({cfg.prompts_per_step}): a group stays in one mini-batch")
+    need(0 <= cfg.temperature < math.inf, f"--temperature must be >= 0 (the paper trains at 1.0), got {cfg.temperature}")
+    need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
+    need(0 <= cfg.weight_decay < math.inf and 0 < cfg.grad_clip < math.inf,
+         "--weight_decay must be >= 0 and --grad_clip > 0 (defaults 0 and 1)")
+    need(0 <= cfg.eps_low < 1 and 0 <= cfg.eps_high < math.inf, "--eps_low must be in [0, 1) and --eps_high >= 0 (the paper: 0.2, 0.28)")
+    need(0 <= cfg.kl_coef < math.inf and 0 <= cfg.entropy_coef < math.inf, "--kl_coef and --entropy_coef must be >= 0 (0 = off)")
+    need(0 < cfg.value_clip < math.inf and 0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1 and cfg.critic_warmup >= 0,
+         "--value_clip must be > 0, --gamma and --lam in [0, 1], --critic_warmup >= 0")
+    need(cfg.save_every >= 0 and cfg.eval_every >= 0 and cfg.eval_problems >= 0 and cfg.eval_batch >= 1,
+         "--save_every, --eval_every and --eval_problems must be >= 0 (0 = off), --eval_batch >= 1")
+    need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+    if problems:
+        raise ValueError("config error: " + "; ".join(problems))
+    check_device(None if cfg.device == "auto" else cfg.device)
+    MetricsLogger.check(cfg)
+    cuda_graph_option(cfg.cuda_graph, cfg.device, "--cuda_graph")  # true without CUDA: refused here, before the model loads
 
 
 # -----------------------------------------------------------------------------------------------

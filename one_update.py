@@ -29,7 +29,7 @@ The steps, for each seed s (one_seed() below):
   2. grade them; GRPO's group advantages A (train.py's roll_out, grade, compute_advantages)
   3. score the rollout under the start weights: every answer token's log-prob and entropy
   4. for alpha 0, then alpha 0.4: the start weights again, a fresh AdamW, and one update on the
-     same rollout and the same A (update.update, the very function train.py's loop calls); then
+     same rollout and the same A (train.update, the very function train.py's loop calls); then
      score the rollout's answers and the probe answers under the updated weights
   5. record each arm's changes, and their difference
 Then, across seeds, each difference's mean and 95% interval, printed beside the prediction.
@@ -68,7 +68,7 @@ from cli import OneLineParser, check_context, make_out_folder
 from load import find_model, load_model
 from rollout import Rollout, format_prompt, sample, score_responses
 from runs import batches_of_problems, choose_precision, load_tasks
-from update import Learner, MicroBatchPlan, make_learners, score_before_update, update
+from update import Learner, make_learners, micro_batch_plan, score_old_policy
 
 SIZE = dict(task="arith", prompts_per_step=2, group_size=8, max_new_tokens=40, temperature=1.0)
 PROBES, PROBE_SEED = 8, 12345  # held-out problems, one probe answer each; the seed sampling them
@@ -127,10 +127,10 @@ def one_update(cfg, model, start: dict, precision, rollout: Rollout, adv: torch.
     """The start weights, a fresh AdamW, one update as train.py makes it -> the update's stats."""
     model.load_state_dict(start)
     actor, _ = make_learners(cfg, model, precision)  # a new AdamW: the same (empty) state each arm
-    plan = MicroBatchPlan(cfg, precision.device, [actor])
-    targets = score_before_update(cfg, rollout, actor, None, None, plan)
-    targets.adv = adv  # (N, R): the same advantages for both arms
-    return update(cfg, actor, None, rollout, targets, plan)
+    plan = micro_batch_plan(cfg, precision.device, [actor])
+    old = score_old_policy(cfg, rollout, actor, None, None, plan)
+    old.adv = adv  # (N, R): the same advantages for both arms
+    return train.update(cfg, actor, None, rollout, old, plan)
 
 
 def one_seed(cfg, model, tokenizer, start: dict, precision, problems: list, probes: Rollout,
@@ -153,7 +153,7 @@ def one_seed(cfg, model, tokenizer, start: dict, precision, problems: list, prob
     # 3) the start's log-probs and entropies, and what the paper's line makes of A with them:
     #    psi only ever scales A, to 1.5 A (right) and 0.5 A (wrong) where the cap binds
     logp0, h0 = score(cfg, model, precision, rollout)
-    shaped = entropy_shaped_advantages(adv, h0, cfg.alpha, cfg.kappa)  # (N, R), as update() has it
+    shaped = entropy_shaped_advantages(adv, h0, cfg.alpha, cfg.kappa)  # (N, R), as train.update has it
     scale = shaped / adv.abs().clamp(min=1e-12)  # (N, R): 1 + psi/|A| (A > 0), psi/|A| - 1 (A < 0)
     record.update(shaped_over_adv_right=token_mean(scale, right, mask),
                   shaped_over_adv_wrong=token_mean(-scale, wrong, mask))
@@ -168,7 +168,7 @@ def one_seed(cfg, model, tokenizer, start: dict, precision, problems: list, prob
                         "rollout_entropy": token_mean(h - h0, right | wrong, mask),
                         "probe_entropy": masked_mean(h_probes, probes.response_mask).item(),
                         "grad_norm": stats["grad_norm"]}
-        if name == "alpha":  # update.py's own statistics of the paper's line
+        if name == "alpha":  # train.update's own statistics of the paper's line
             record.update(cap_frac=stats["cap_frac"], psi_ratio=stats["psi_ratio"])
     # 5) the paired differences
     record["difference"] = {q: record["alpha"][q] - record["alpha0"][q] for q in QUANTITIES}

@@ -1,7 +1,7 @@
 """
 runs.py -- the bookkeeping around train.py's loop: where it computes, on what, what it keeps, how it resumes.
 
-Nothing here is the algorithm (that is advantage.py and update.py); this is what one run needs
+Nothing here is the algorithm (that is advantage.py and train.py); this is what one run needs
 around it, in the order train() uses it:
 
     choose_precision()        --device and --dtype -> a Precision: the device, and the autocast to run under

@@ -14,11 +14,11 @@ One step of the loop is the whole pipeline, one function call per arrow (train()
       -> advantages (GRPO group z-score, or GAE with a critic) -> + min(alpha*H, |A|/kappa)
       -> for each mini-batch: forward, clipped loss, backward, clip grad norm, optimiser step
 
-This file holds the configuration and the loop. The boxes live in their own files: rollout.py
-samples, grader.py grades, advantage.py holds the maths (the paper's line and the clipped loss),
-update.py applies them (mini- and micro-batches, optimiser steps); runs.py and metrics.py are the
-bookkeeping (precision, data, checkpoints; logs, warnings, plots), flags.py the command line;
-tasks.py gives the problems and evaluate.py the held-out Pass@K.
+This file holds the configuration, the loop and its update(), where the paper's line meets the
+model. The boxes live in their own files: rollout.py samples, grader.py grades, advantage.py holds
+the maths (the paper's line, the clipped loss), update.py the learners and the optimiser step;
+runs.py and metrics.py are the bookkeeping (precision, data, checkpoints; logs, warnings, plots),
+flags.py the command line; tasks.py gives the problems, evaluate.py the held-out Pass@K.
 
 Our choices, and where we simplify against the paper (its Appendix B):
   1. The entropy term: psi_t = min(alpha * H_t.detach(), |A_t| / kappa) added to every response
@@ -51,7 +51,6 @@ Our choices, and where we simplify against the paper (its Appendix B):
 
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
@@ -62,19 +61,20 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from advantage import (explained_variance, gae_advantages, group_advantages, masked_mean,
-                       zero_spread)
+from advantage import (entropy_shaped_advantages, explained_variance, gae_advantages,
+                       group_advantages, masked_mean, policy_loss, zero_spread)
 from cli import check_context
-from evaluate import EvalSettings, check_device, cuda_graph_option, evaluate
+from evaluate import EvalSettings, cuda_graph_option, evaluate
 from grader import grade_response
-from flags import parse_args
+from flags import check_config, parse_args
 from metrics import MetricsLogger, Watch, plot_metrics, summarise
 from load import find_model, load_model
 from decode import graph_stats
-from rollout import Rollout, format_prompt, sample
+from rollout import Rollout, format_prompt, sample, score_responses
 from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
                   release_out_dir, restore, resume_hint, save_checkpoint)
-from update import Learner, MicroBatchPlan, make_learners, reference_model, score_before_update, update
+from update import (Learner, Means, OldScores, add_actor_stats, clipped_step, critic_loss_backward,
+                    make_learners, micro_batch_plan, reference_model, score_old_policy)
 
 # -----------------------------------------------------------------------------------------------
 # Configuration: every field can be set from the command line as --name value, or from a preset
@@ -151,47 +151,6 @@ def resolve_defaults(cfg: Config) -> Config:
     return dataclasses.replace(cfg, alpha=alpha, critic_lr=2 * cfg.lr if cfg.critic_lr is None else cfg.critic_lr)
 
 
-def check_config(cfg: Config):
-    """Refuse settings that would fail later, or silently train something else, with the fix named.
-    Takes a resolved Config (resolve_defaults); reads no file and loads nothing, so it is instant."""
-    problems = []
-
-    def need(ok, message):
-        if not ok:  # (written as "ok", so a NaN, for which every comparison is False, is refused too)
-            problems.append(message)
-
-    need(cfg.group_size >= 2, "--group_size must be >= 2: GRPO compares answers within a group (the paper uses 8)")
-    need(1 < cfg.kappa < math.inf, "--kappa must be > 1 so the entropy bonus cannot flip an advantage's sign (the paper uses 2)")
-    need(0 <= cfg.alpha < math.inf, "--alpha must be >= 0 (0.4 for GRPO, 0.1 for PPO, 0 = off)")
-    need(0 < cfg.lr < math.inf and 0 < cfg.critic_lr < math.inf, "--lr and --critic_lr must be positive (the paper: 1e-6 and 2e-6)")
-    need(cfg.algo in ("grpo", "ppo"), f"--algo must be grpo or ppo, got '{cfg.algo}'")
-    need(cfg.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
-    for name in ("cuda_graph", "recompute"):
-        need(getattr(cfg, name) in ("auto", "true", "false"), f"--{name} must be auto, true or false, got '{getattr(cfg, name)}'")
-    need(str(cfg.micro_batch) == "auto" or (str(cfg.micro_batch).isdigit() and int(cfg.micro_batch) >= 1),
-         f"--micro_batch must be auto or a number of rows >= 1, got '{cfg.micro_batch}'")
-    need(cfg.steps >= 0 and cfg.prompts_per_step >= 1 and cfg.max_new_tokens >= 1,
-         "--steps must be >= 0; --prompts_per_step and --max_new_tokens >= 1")
-    need(cfg.mini_batches >= 1 and cfg.prompts_per_step % cfg.mini_batches == 0,
-         f"--mini_batches must divide --prompts_per_step ({cfg.prompts_per_step}): a group stays in one mini-batch")
-    need(0 <= cfg.temperature < math.inf, f"--temperature must be >= 0 (the paper trains at 1.0), got {cfg.temperature}")
-    need(0 < cfg.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {cfg.top_p}")
-    need(0 <= cfg.weight_decay < math.inf and 0 < cfg.grad_clip < math.inf,
-         "--weight_decay must be >= 0 and --grad_clip > 0 (defaults 0 and 1)")
-    need(0 <= cfg.eps_low < 1 and 0 <= cfg.eps_high < math.inf, "--eps_low must be in [0, 1) and --eps_high >= 0 (the paper: 0.2, 0.28)")
-    need(0 <= cfg.kl_coef < math.inf and 0 <= cfg.entropy_coef < math.inf, "--kl_coef and --entropy_coef must be >= 0 (0 = off)")
-    need(0 < cfg.value_clip < math.inf and 0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1 and cfg.critic_warmup >= 0,
-         "--value_clip must be > 0, --gamma and --lam in [0, 1], --critic_warmup >= 0")
-    need(cfg.save_every >= 0 and cfg.eval_every >= 0 and cfg.eval_problems >= 0 and cfg.eval_batch >= 1,
-         "--save_every, --eval_every and --eval_problems must be >= 0 (0 = off), --eval_batch >= 1")
-    need(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
-    if problems:
-        raise ValueError("config error: " + "; ".join(problems))
-    check_device(None if cfg.device == "auto" else cfg.device)
-    MetricsLogger.check(cfg)
-    cuda_graph_option(cfg.cuda_graph, cfg.device, "--cuda_graph")  # true without CUDA: refused here, before the model loads
-
-
 # -----------------------------------------------------------------------------------------------
 # The boxes of one step, as train()'s loop calls them
 
@@ -260,7 +219,7 @@ def run_steps(cfg: Config, given: Config, problems, held_out, log, precision, re
         model, tokenizer = load_model(cfg.resume or cfg.model, device=precision.device, dtype=torch.float32)
     check_context(model, tokenizer, problems + held_out, cfg.max_new_tokens, "--max_new_tokens")
     actor, critic = make_learners(cfg, model, precision)
-    plan = MicroBatchPlan(cfg, precision.device, [actor] + ([critic] if critic else []))
+    plan = micro_batch_plan(cfg, precision.device, [actor] + ([critic] if critic else []))
     ref_model = reference_model(cfg, model, precision.device)
     start, skipped = restore(cfg, actor, critic) if cfg.resume else (0, 0)
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoint")
@@ -279,16 +238,18 @@ def run_steps(cfg: Config, given: Config, problems, held_out, log, precision, re
             t_rollout = time.time() - t_step
             rewards = grade(reward_fn, rollout, batch, precision.device)  # -> (N,) rewards, 1 right / 0 wrong
             # -> advantages A_t: GRPO's group z-score, or PPO's GAE against the critic's values
-            targets = score_before_update(cfg, rollout, actor, critic, ref_model, plan)  # log pi_old, V_old, ...
-            targets.adv, targets.returns = compute_advantages(cfg, rollout, rewards, targets.old_values)
-            # -> update (update.py): per mini-batch, per micro-batch the paper's line A_t + min(alpha * H_t, |A_t| / kappa),
-            #    the clipped loss and backward; then one clipped optimiser step. PPO warms its critic up first.
-            learning = actor if cfg.algo == "grpo" or step >= cfg.critic_warmup else None
-            stats = update(cfg, learning, critic, rollout, targets, plan)
+            old = score_old_policy(cfg, rollout, actor, critic, ref_model, plan)  # pi_old, V_old
+            old.adv, old.returns = compute_advantages(cfg, rollout, rewards, old.values)
+            # -> update(): per micro-batch the paper's line, the clipped loss, backward; then a step
+            # PPO's first critic_warmup steps train only the critic: its values are noise at first
+            if cfg.algo == "ppo" and step < cfg.critic_warmup:
+                stats = update(cfg, None, critic, rollout, old, plan)
+            else:
+                stats = update(cfg, actor, critic, rollout, old, plan)
             # -> log, and say in plain words what looks wrong; save and evaluate now and then
             skipped += stats["skipped_updates"]  # the run's total (actor, critic), kept on resume
             stats.update(skipped_updates_total=skipped, rollout_s=t_rollout, step_s=time.time() - t_step)
-            record = step_record(cfg, step + 1, rollout, rewards, targets, stats, model)
+            record = step_record(cfg, step + 1, rollout, rewards, old, stats, model)
             record["warnings"] = watch.check(record)
             log(record)
             show_progress(bar, record)
@@ -306,6 +267,45 @@ def run_steps(cfg: Config, given: Config, problems, held_out, log, precision, re
     if held_out:
         evaluate_held_out(cfg, actor, tokenizer, held_out, cfg.steps, log)
     return summarise(cfg, precision, minutes, ckpt_dir)
+
+
+def update(cfg: Config, actor: Learner | None, critic: Learner | None, rollout: Rollout,
+           old: OldScores, plan) -> dict:
+    """nanoGPT's micro-step block: an optimiser step per mini-batch of whole groups, its gradients
+    summed over micro-batches (plan.split). actor None: only the critic learns (PPO's warm-up)."""
+    N = rollout.response_ids.shape[0]
+    stats, skipped = Means(), 0
+    for first in range(0, N, N // cfg.mini_batches):
+        rows = slice(first, first + N // cfg.mini_batches)  # a mini-batch of whole groups
+        num_tokens = rollout.response_mask[rows].sum()  # the losses / this: a token mean
+        for attempt in plan.attempts([actor, critic]):  # fast/: again, smaller, if out of memory
+            with attempt:
+                mini = Means()
+                for part, part_old in plan.split(rollout, old, rows, probe=actor is not None):
+                    mask = part.response_mask  # (n, R): a micro-batch of n rows
+                    if actor is not None:
+                        with actor.amp():  # the training forward: log pi_theta and H_t, (n, R) each
+                            logp, ent = score_responses(actor.net, part, cfg.temperature)
+                        # 1) the paper's line, A_t + min(alpha * H_t.detach(), |A_t| / kappa)
+                        adv = entropy_shaped_advantages(part_old.adv, ent, cfg.alpha, cfg.kappa)
+                        # 2) log pi_old: with one mini-batch, this forward's own (ratio exactly 1)
+                        logp_old = logp.detach() if part_old.logprobs is None else part_old.logprobs
+                        # 3) the clipped surrogate (+ KL, entropy_coef terms), a token-level mean
+                        loss, s = policy_loss(logp, logp_old, adv, mask, cfg.eps_low,
+                                              cfg.eps_high, part_old.ref_logprobs, cfg.kl_coef,
+                                              ent, cfg.entropy_coef, num_tokens=num_tokens)
+                        actor.scaler.scale(loss).backward()  # (float16: the loss scaled up)
+                        add_actor_stats(mini, s, part_old.adv, ent, mask, cfg)
+                    if critic is not None:
+                        critic_loss_backward(cfg, critic, part, part_old, num_tokens, mini)
+        stats.merge(mini)
+        # 4) the clipped optimiser step, skipped when the gradient norm is not finite
+        if actor is not None:
+            skipped += clipped_step(actor, cfg.grad_clip, stats, "grad_norm")
+        if critic is not None:
+            skipped += clipped_step(critic, cfg.grad_clip, stats, "critic_grad_norm")
+    return {**stats.means(), "skipped_updates": skipped, "micro_batch": plan.last_rows,
+            "recompute": plan.recompute}
 
 
 def start_run(cfg: Config, problems=None) -> tuple:
@@ -334,7 +334,7 @@ def end_run(cfg: Config, log):
         release_out_dir(cfg)
 
 
-def step_record(cfg: Config, step: int, rollout: Rollout, rewards, targets, stats: dict, model) -> dict:
+def step_record(cfg: Config, step: int, rollout: Rollout, rewards, old, stats: dict, model) -> dict:
     """The step's row of metrics.jsonl: what was sampled, how it was graded, the update's statistics
     (update.Means, with the loop's timings), PPO's explained variance, and GPU memory and graphs."""
     mask = rollout.response_mask
@@ -342,8 +342,8 @@ def step_record(cfg: Config, step: int, rollout: Rollout, rewards, targets, stat
               "zero_spread_groups": zero_spread(rewards, cfg.group_size).float().mean().item(),
               "entropy": masked_mean(rollout.entropies, mask).item(), "length": mask.sum(-1).mean().item(),
               "truncated": 1 - rollout.stopped.float().mean().item(), "lr": cfg.lr, **stats}
-    if targets.old_values is not None:
-        record["explained_variance"] = explained_variance(targets.old_values, targets.returns, mask)
+    if old.values is not None:
+        record["explained_variance"] = explained_variance(old.values, old.returns, mask)
     if mask.device.type == "cuda":  # the number to watch when sizing a run for your GPU
         record["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         record.update(graph_stats(model))  # decode graphs recorded so far, and the seconds that took

@@ -52,7 +52,7 @@ def test_alpha_zero_against_alpha_zero_differs_by_exactly_nothing(tmp_path, tiny
 
 def test_where_the_cap_binds_everywhere_right_gets_1_5_a_and_wrong_0_5_a(tmp_path, tiny_folder):
     """alpha 100: alpha * H exceeds |A| / 2 on every token, so psi = |A| / 2 throughout: right
-    answers get 1.5 A, wrong ones 0.5 A, and update.py's own cap-binding share is 1. There the
+    answers get 1.5 A, wrong ones 0.5 A, and train.update's own cap-binding share is 1. There the
     update pushes right answers up harder and wrong ones down less than plain GRPO's, on every
     seed of this model. With alpha 0.1 the cap binds on some tokens only: scales between."""
     results, _ = run(tmp_path / "all", tiny_folder, alpha=100.0)

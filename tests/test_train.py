@@ -11,6 +11,7 @@ import torch
 import runs
 import train
 import update
+from fast import micro_batches
 from load import load_model
 from train import Config
 
@@ -194,8 +195,8 @@ def test_psi_ratio_and_cap_share_are_means_over_the_tokens_with_an_advantage(tin
         _, ent = score_responses(model, rollout, cfg.temperature)  # the entropies the update will see
     whole = shaping_stats(adv, ent, rollout.response_mask, cfg.alpha, cfg.kappa)
     actor = update.Learner(model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False))
-    plan = update.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
-    stats = update.update(cfg, actor, None, rollout, update.Targets(adv), plan)
+    plan = update.micro_batch_plan(cfg, torch.device("cpu"), [actor])
+    stats = train.update(cfg, actor, None, rollout, update.OldScores(adv), plan)
     assert 0 < whole["cap_frac"] < 1
     for key in ("psi_ratio", "cap_frac", "psi_mean"):
         assert stats[key] == pytest.approx(whole[key], abs=1e-5), key
@@ -252,8 +253,8 @@ def test_the_grad_norm_is_the_mean_of_the_applied_updates(tiny_folder, monkeypat
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     actor = update.Learner(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
-    plan = update.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
-    stats = update.update(cfg, actor, None, rollout, update.Targets(adv), plan)
+    plan = update.micro_batch_plan(cfg, torch.device("cpu"), [actor])
+    stats = train.update(cfg, actor, None, rollout, update.OldScores(adv), plan)
     assert len(norms) == 2 and math.isfinite(norms[0]) and not math.isfinite(norms[1])
     assert stats["skipped_updates"] == 1 and stats["grad_norm"] == pytest.approx(norms[0].item())
 
@@ -524,7 +525,7 @@ def test_float16_with_a_gradient_scaler_learns_on_cpu(tmp_path, tiny_folder):
 def test_auto_micro_batch_on_cpu_is_the_measured_size_and_recompute_stays_off(tmp_path, tiny_folder):
     train.train(tiny_config(tmp_path, tiny_folder, steps=1, prompts_per_step=4, group_size=4), reward_fn=is_digit)
     row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
-    assert row["micro_batch"] == update.CPU_MICRO_BATCH and row["recompute"] is False
+    assert row["micro_batch"] == micro_batches.CPU_MICRO_BATCH and row["recompute"] is False
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_token_mean(tiny_folder, monkeypatch):
@@ -548,10 +549,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_token_mean(tiny_fold
         net = load_model(tiny_folder, device="cpu")[0].train()
         cfg = train.resolve_defaults(Config(group_size=4, prompts_per_step=2, micro_batch=micro_batch))
         actor = update.Learner(net, torch.optim.SGD(net.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False))
-        plan = update.MicroBatchPlan(cfg, torch.device("cpu"), [actor])
-        monkeypatch.setattr(update, "score_responses", score_or_oom)
+        plan = update.micro_batch_plan(cfg, torch.device("cpu"), [actor])
+        monkeypatch.setattr(train, "score_responses", score_or_oom)
         before = [p.detach().clone() for p in net.parameters()]
-        stats = update.update(cfg, actor, None, ro, update.Targets(adv), plan)
+        stats = train.update(cfg, actor, None, ro, update.OldScores(adv), plan)
         grads[micro_batch] = [b - p.detach() for b, p in zip(before, net.parameters())]  # lr 1: the step is the gradient
         assert stats["micro_batch"] == 2
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads["auto"], grads["2"]))
@@ -580,27 +581,30 @@ def test_micro_batches_drop_only_padding_columns(tiny_folder):
         full = score_responses(model, ro)[0]  # (8, 6)
     for rows in ([0, 4], [1, 6], [3, 2, 5]):  # the long prompt's rows only; answers of 1 token; mixed
         idx = torch.tensor(rows)
-        part = update.rollout_rows(ro, idx)
+        part = micro_batches.rollout_rows(ro, idx)
         assert part.prompt_mask.sum() == ro.prompt_mask[idx].sum() and part.response_mask.sum() == ro.response_mask[idx].sum()
         assert part.response_ids.shape[1] == int(ro.response_mask[idx].sum(-1).max())  # cut to the longest answer
         assert part.prompt_mask[:, 0].any()  # no column of left padding shared by all of them is left
         with torch.no_grad():
             logp = score_responses(model, part)[0]  # (n, R')
         assert torch.allclose(logp, full[idx, : logp.shape[1]], atol=1e-5)
-    assert update.rollout_rows(ro, torch.tensor([1, 6])).response_ids.shape[1] == 1
-    assert update.longest_first(ro, slice(0, 4)).tolist() == [0, 2, 3, 1]
-    assert update.longest_first(ro, slice(4, 8)).tolist() == [4, 7, 5, 6]
+    assert micro_batches.rollout_rows(ro, torch.tensor([1, 6])).response_ids.shape[1] == 1
+    assert micro_batches.longest_first(ro, slice(0, 4)).tolist() == [0, 2, 3, 1]
+    assert micro_batches.longest_first(ro, slice(4, 8)).tolist() == [4, 7, 5, 6]
 
 
-def test_update_is_the_same_whatever_the_micro_batch_and_equals_the_whole_loss(tiny_folder):
-    """On ragged rows, the gradient of update() with micro-batches of 1, 3 and 8 rows (cut and sorted
-    by length) equals the gradient of the policy loss over the whole rollout in one forward (SGD, lr 1:
-    the step is the gradient); score_all gives the whole forward's old log-probs, row for row."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_update_is_the_same_whatever_the_micro_batch_and_equals_the_whole_loss(tiny_folder, fast, monkeypatch):
+    """On ragged rows, the gradient of update() with micro-batches of 1, 3 and 8 rows (fast/'s: cut and
+    sorted by length; the reference's: in order, as wide as the rollout) equals the gradient of the
+    policy loss over the whole rollout in one forward (SGD, lr 1: the step is the gradient); the
+    plan's score() gives the whole forward's old log-probs, row for row."""
     from contextlib import nullcontext
 
     from advantage import policy_loss
     from rollout import score_responses
 
+    monkeypatch.setattr(update, "FAST", fast)
     model, tok = load_model(tiny_folder, device="cpu")
     ro = ragged_rollout(model, tok)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -2.0, 1.0])[:, None].expand(8, 6) * ro.response_mask
@@ -608,15 +612,16 @@ def test_update_is_the_same_whatever_the_micro_batch_and_equals_the_whole_loss(t
     logp, _ = score_responses(model, ro)
     policy_loss(logp, logp.detach(), adv, ro.response_mask)[0].backward()
     reference = [p.grad.clone() for p in model.parameters()]
+    plan = update.micro_batch_plan(Config(micro_batch="3"), torch.device("cpu"), [])
     with torch.no_grad():
-        old = update.score_all(lambda r: score_responses(model, r)[0], ro, 3, nullcontext)  # (8, 6)
+        old = plan.score(lambda r: score_responses(model, r)[0], ro, nullcontext)  # (8, 6)
     assert torch.allclose(old, logp.detach() * ro.response_mask, atol=1e-5)
     for micro_batch in ("1", "3", "8"):
         net = load_model(tiny_folder, device="cpu")[0].train()
         cfg = train.resolve_defaults(Config(group_size=4, prompts_per_step=2, micro_batch=micro_batch, alpha=0.0, grad_clip=1e9))
         actor = update.Learner(net, torch.optim.SGD(net.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False))
         before = [p.detach().clone() for p in net.parameters()]
-        update.update(cfg, actor, None, ro, update.Targets(adv), update.MicroBatchPlan(cfg, torch.device("cpu"), [actor]))
+        train.update(cfg, actor, None, ro, update.OldScores(adv), update.micro_batch_plan(cfg, torch.device("cpu"), [actor]))
         step = [b - p.detach() for b, p in zip(before, net.parameters())]
         assert all(torch.allclose(s, r, atol=1e-6) for s, r in zip(step, reference)), micro_batch
 
@@ -640,15 +645,15 @@ def test_gpu_probe_sizes_micro_batches_and_turns_recompute_on_only_when_needed(m
         opt.state[next(net.parameters())] = {}  # as after a first step: AdamW's moments exist
         for p in net.parameters():
             p.grad = torch.zeros_like(p)  # ... and so do the gradients: nothing more to set aside
-        plan = update.MicroBatchPlan(Config(), torch.device("cuda"), [update.Learner(net, opt, None)])
-        assert plan.rows(100) == update.PROBE_ROWS and net.recomputing is False
-        with plan.measure(update.PROBE_ROWS, 100, mini_batch_rows, width, probe=True):
+        plan = micro_batches.MicroBatchPlan(Config(), torch.device("cuda"), [update.Learner(net, opt, None)])
+        assert plan.rows(100) == micro_batches.PROBE_ROWS and net.recomputing is False
+        with plan.measure(micro_batches.PROBE_ROWS, 100, mini_batch_rows, width, probe=True):
             pass
         assert net.recomputing is expect_recompute and plan.recompute is expect_recompute
         if not expect_recompute:
             assert plan.bytes_per_token == 10_000 and plan.rows(100) == 1000
         else:
-            assert plan.bytes_per_token is None and plan.rows(100) == update.PROBE_ROWS  # the probe again
+            assert plan.bytes_per_token is None and plan.rows(100) == micro_batches.PROBE_ROWS  # the probe again
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -662,3 +667,74 @@ def test_a_short_run_on_cuda_uses_graphs_and_sizes_its_micro_batches(tmp_path, t
     assert len(rows) == 3 and all(r["skipped_updates"] == 0 for r in rows) and math.isfinite(rows[-1]["approx_kl"])  # (PPO: after its critic's warm-up)
     assert rows[-1]["cuda_graphs"] <= 2 and rows[-1]["graph_record_s"] > 0  # one bucket for training, one for evaluation
     assert all(r["micro_batch"] >= 1 for r in rows) and rows[-1]["micro_batch"] >= rows[0]["micro_batch"]
+
+
+def saved_rollout():
+    """8 rows (2 groups of 4) of fixed random tokens: prompts of 2 to 5 tokens (left padding),
+    answers of 1 to 6 (right padding). Built from a seed, not sampled, so no sampler change moves it."""
+    from rollout import Rollout
+
+    g = torch.Generator().manual_seed(7)
+    N, P, R = 8, 5, 6
+    plen, rlen = torch.tensor([5, 3, 5, 4, 2, 5, 3, 4]), torch.tensor([6, 1, 3, 2, 5, 2, 1, 4])
+    prompt_mask = (torch.arange(P)[None] >= (P - plen)[:, None]).long()  # (N, P)
+    response_mask = (torch.arange(R)[None] < rlen[:, None]).float()  # (N, R)
+    prompt_ids = torch.randint(3, 70, (N, P), generator=g) * prompt_mask
+    response_ids = torch.randint(3, 70, (N, R), generator=g) * response_mask.long()
+    zeros = torch.zeros(N, R)
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, zeros, zeros, torch.ones(N, dtype=torch.bool),
+                   ["x"] * N, group_size=4)
+
+
+def fingerprint(step: torch.Tensor) -> tuple:
+    """Two numbers that move with any change to a flat parameter step: its L1 norm and a sum weighted -1 .. 1."""
+    step = step.double()
+    return float(step.abs().sum()), float((step * torch.linspace(-1, 1, step.numel(), dtype=torch.float64)).sum())
+
+
+# What one update gave on saved_rollout() before the loop's micro-step block moved into train.py
+# (update.py's update(), commit 360eafb): its statistics, and the fingerprints of the actor's step
+# and the critic's. The new loop gave the same parameters to the bit on this rollout.
+TODAYS_UPDATE = {
+    "grpo": ({"approx_kl": 2.6648243874660693e-05, "cap_frac": 0.2916666741172473, "grad_norm": 2.4542025327682495,
+              "kl_ref": 2.673765084182378e-05, "psi_mean": 0.3790534610549609, "psi_ratio": 0.45537493874629337},
+             (30.251847021922003, -0.10247996812992788), None),
+    "ppo": ({"approx_kl": 2.5875865655204205e-05, "cap_frac": 0.625000017384688, "critic_grad_norm": 1.8971288204193115,
+             "grad_norm": 2.5920246839523315, "kl_ref": 2.6007493943325244e-05, "psi_mean": 0.3990677036345005,
+             "psi_ratio": 0.44076495865980786, "value_loss": 0.3101973030716181},
+            (30.312720496818656, -0.06664152311644886), (28.562083289434668, -0.019500691257503422)),
+}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_the_update_gives_todays_numbers_on_a_saved_rollout(tiny_folder, algo, fast, monkeypatch):
+    """train.py's loop, from the rollout on (score_old_policy, compute_advantages, update), on a saved
+    rollout with every term on (2 mini-batches, micro-batches of 3 rows, alpha 0.1 (its cap binds on
+    some tokens, not all), KL, entropy_coef; PPO's critic): the statistics and the step of the update made before the micro-step block moved into
+    train.py, with fast/'s micro-batches (the default) and with the reference's."""
+    import copy
+
+    monkeypatch.setattr(update, "FAST", fast)
+    model, _ = load_model(tiny_folder, device="cpu")
+    cfg = train.resolve_defaults(Config(algo=algo, group_size=4, prompts_per_step=2, mini_batches=2, micro_batch="3",
+                                        kl_coef=0.1, entropy_coef=0.01, lr=1e-3, alpha=0.1))
+    actor, critic = update.make_learners(cfg, model, runs.choose_precision("cpu", "float32"))
+    learners = [actor] + ([critic] if critic else [])
+    critic_before = torch.cat([p.detach().flatten() for p in critic.net.parameters()]) if critic else None
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ro, before = saved_rollout(), torch.cat([p.detach().flatten() for p in model.parameters()])
+    plan = update.micro_batch_plan(cfg, torch.device("cpu"), learners)
+    old = update.score_old_policy(cfg, ro, actor, critic, ref_model, plan)
+    old.adv, old.returns = train.compute_advantages(cfg, ro, torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1]), old.values)
+    stats = train.update(cfg, actor, critic, ro, old, plan)
+    expected, actor_step, critic_step = TODAYS_UPDATE[algo]
+    # fast/'s plan adds the same numbers in the same order as before (here: the same bits); the
+    # reference's micro-batches hold other rows, so its sums round differently, by about 1e-7
+    tol = dict(rel=1e-5) if fast else dict(rel=1e-5, abs=1e-5)
+    assert {k: stats[k] for k in expected} == pytest.approx(expected, **tol)
+    assert stats["skipped_updates"] == 0 and stats["clip_frac"] == 0  # (the ratio barely leaves 1 here)
+    assert fingerprint(before - torch.cat([p.detach().flatten() for p in model.parameters()])) == pytest.approx(actor_step, **tol)
+    if critic:
+        after = torch.cat([p.detach().flatten() for p in critic.net.parameters()])
+        assert fingerprint(critic_before - after) == pytest.approx(critic_step, **tol)
