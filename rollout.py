@@ -134,41 +134,6 @@ def score_responses(model, rollout, temperature: float = 1.0, chunk_rows: int = 
 # The sampler
 
 
-def _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k):
-    if not prompts:
-        raise ValueError("prompts is empty: pass a list of at least one formatted prompt (see format_prompt)")
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings, not one string: wrap it as [prompt]")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive number of tokens, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-
-
-def _seeded_generator(seed, device):
-    """The call's one source of random numbers: seeded, or (seed None) by the operating system."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
-def _pad_and_stop_ids(tokenizer, ignore_eos, device):
-    """The padding id (the tokenizer's, else its first end token) and the ids that end an answer,
-    (S,) long on `device` (none with ignore_eos)."""
-    end_ids = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
-    return pad_id, torch.tensor([] if ignore_eos else end_ids, dtype=torch.long, device=device)
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts, group_size=1, max_new_tokens=256, temperature=1.0, top_p=1.0,
            top_k=0, seed=None, ignore_eos=False, fast=True, cuda_graph=None):
@@ -256,6 +221,41 @@ def draw_token(logits, temperature, top_p, top_k, generator):
     return (index if order is None else order.gather(-1, index)).squeeze(-1)
 
 
+def _check_args(prompts, group_size, max_new_tokens, temperature, top_p, top_k):
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of at least one formatted prompt (see format_prompt)")
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, not one string: wrap it as [prompt]")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive number of tokens, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+
+
+def _seeded_generator(seed, device):
+    """The call's one source of random numbers: seeded, or (seed None) by the operating system."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _pad_and_stop_ids(tokenizer, ignore_eos, device):
+    """The padding id (the tokenizer's, else its first end token) and the ids that end an answer,
+    (S,) long on `device` (none with ignore_eos)."""
+    end_ids = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+    return pad_id, torch.tensor([] if ignore_eos else end_ids, dtype=torch.long, device=device)
+
+
 def _left_pad(tokenizer, prompts, pad_id, device):
     """Step 1: the prompts' token ids (B, P), left-padded so that every prompt ends in column P-1, and
     their mask (B, P), 1 = real token. P is the longest prompt's length."""
@@ -272,7 +272,7 @@ def _left_pad(tokenizer, prompts, pad_id, device):
 
 
 def _pack(tokenizer, prompt_ids, prompt_mask, steps, stop_ids, group_size) -> Rollout:
-    """Step 5: the Rollout, from the prompts (B, P) and the decode loop's lists of (N,) tokens,
+    """Step 4: the Rollout, from the prompts (B, P) and the decode loop's lists of (N,) tokens,
     log-probs and entropies, one entry per step. Trims the steps decoded after every row had stopped."""
     tokens, logps, ents = steps
     G = group_size
