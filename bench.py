@@ -14,7 +14,7 @@ the ratio is the result. The table is printed and written as JSON (--out).
 
     1   sampler vs transformers' generate: 2 prompts x 8 samples, 128 new tokens, EOS ignored;
         1b: the same with both models in bfloat16; 1c: the same at temperature 0.6 and top-p 0.95,
-        the evaluation's settings (rollout.nucleus_draw)
+        the evaluation's settings (fast.sampling.nucleus_draw)
     2   shared prefill (each prompt once, its KV cache copied to its G rows) vs per-row prefill
     3   KV cache vs recomputing the whole sequence every step, at 64 and at 256 new tokens
     4   training step (our forward at response positions, chunked logits, GRPO loss, backward) vs
@@ -59,9 +59,10 @@ import torch
 from advantage import policy_loss
 from cli import OneLineParser, check_out_file
 from evaluate import check_device
+from fast.sampling import pick_next_token
 from load import _hf_load, _smollm2_gguf, model_from_hf
 from model import response_outputs
-from rollout import Rollout, logprobs_and_entropy, pick_next_token, sample, score_responses
+from rollout import Rollout, logprobs_and_entropy, sample, score_responses
 from runs import choose_precision
 
 # -----------------------------------------------------------------------------------------------
@@ -563,9 +564,9 @@ def row_evaluate(hf, model, tok, S, device):
 
 def row_drop_stopped(model, tok, S, device):
     """Row 8: sampling as an evaluation does (real stop tokens, temperature 0.6, top-p 0.95), with the
-    rows that have stopped dropped from the batch (decode.EagerDecoder), against computing every row
+    rows that have stopped dropped from the batch (fast.decode.EagerDecoder), against computing every row
     until the last one stops. Both make the same answers; only the time differs."""
-    import decode
+    from fast import decode
     from rollout import format_prompt
     from tasks import load_problems
 

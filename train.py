@@ -69,7 +69,7 @@ from grader import grade_response
 from flags import check_config, parse_args
 from metrics import MetricsLogger, Watch, plot_metrics, summarise
 from load import find_model, load_model
-from decode import graph_stats
+from fast.decode import graph_stats
 from rollout import Rollout, format_prompt, sample, score_responses
 from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
                   release_out_dir, restore, resume_hint, save_checkpoint)

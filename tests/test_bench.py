@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import bench
+from fast.sampling import pick_next_token
 from load import model_from_hf
 from model import KVCache
-from rollout import pick_next_token, sample, score_responses
+from rollout import sample, score_responses
 
 
 @pytest.fixture(scope="module")

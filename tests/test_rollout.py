@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 
-import decode
+from fast import decode, sampling
+from fast.sampling import inverse_cdf_draw, pick_next_token
 from load import model_from_hf
 from model import KVCache
-from rollout import format_prompt, inverse_cdf_draw, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
+from rollout import draw_token, format_prompt, logprobs_and_entropy, sample, score_responses, stop_token_ids
 
 QUESTIONS = ["What is 7 * 8?", "A farmer has 12 cows and buys 35 more, then sells 4. How many cows are left?", "2+2?"]
 
@@ -131,19 +132,17 @@ def _reference_nucleus(logits, temperature, top_p):
 
 @pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: the set fits the window; flat: it does not
 def test_nucleus_window_draws_what_the_full_sort_draws(scale):
-    """With a window of the 64 most likely tokens (rollout.TOP_P_WINDOW), nucleus_draw must draw
+    """With a window of the 64 most likely tokens (sampling.TOP_P_WINDOW), nucleus_draw must draw
     exactly the tokens the full sort draws for the same random numbers where a row's top-p set fits
     in it, say which rows' sets do not, and the full sort must draw only from the top-p set, with
     the set's renormalised probabilities."""
-    import rollout
-
     torch.manual_seed(0)
     logits = torch.randn(4, 5000) * scale  # (N, V)
     ref = _reference_nucleus(logits, 0.7, 0.9)
     assert (ref.sum(-1) <= 64).all() if scale > 1 else (ref.sum(-1) > 64).all()
     rows = logits.repeat(1000, 1)  # (4000, V): each of the 4 rows 1000 times
-    windowed, fits = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3), window=64)
-    sorted_all, no_window = rollout.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3))
+    windowed, fits = sampling.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3), window=64)
+    sorted_all, no_window = sampling.nucleus_draw(rows, 0.7, 0.9, torch.Generator().manual_seed(3))
     assert no_window is None and torch.equal(fits, (ref.sum(-1) <= 64).repeat(1000))
     if scale > 1:
         assert torch.equal(windowed, sorted_all)
@@ -160,12 +159,10 @@ def test_nucleus_window_draws_what_the_full_sort_draws(scale):
 def test_spare_rows_draw_right_where_sets_spill():
     """nucleus_draw's spare rows: the rows the window covers least are sorted whole, so that up to
     that many rows whose top-p sets spill out of the window still draw what the full sort draws."""
-    import rollout
-
     torch.manual_seed(1)
     logits = torch.randn(6, 3000) * 8  # peaked: sets of a few tokens
     logits[[1, 4]] = torch.randn(2, 3000) * 0.05  # flat: sets of ~2,700 tokens, far past a window of 64
-    draw = lambda **kw: rollout.nucleus_draw(logits, 0.7, 0.9, torch.Generator().manual_seed(3), **kw)  # noqa: E731
+    draw = lambda **kw: sampling.nucleus_draw(logits, 0.7, 0.9, torch.Generator().manual_seed(3), **kw)  # noqa: E731
     full, _ = draw()
     token, fits = draw(window=64)
     assert fits.tolist() == [True, False, True, True, False, True] and torch.equal(token[fits], full[fits])
@@ -183,16 +180,14 @@ def test_spare_rows_draw_right_where_sets_spill():
 def test_rounds_redone_where_a_set_spilled_give_the_one_step_answers(smollm2, prompts, monkeypatch, window, spare_rows, redone):
     """A GPU decodes in rounds of 8 steps and learns only at a round's end that more rows' top-p sets
     spilled out of the window than its spare rows could take; it then decodes the round again with
-    the full sort, and sorts for the rest of the call (rollout.sample). Forced on a CPU's static
+    the full sort, and sorts for the rest of the call (fast.sampling.sample). Forced on a CPU's static
     path (6 rows: 16 spare rows take them all; 0 take none), that must give exactly what one-step
     rounds give (a CPU's way, checking at once) and what the full sort alone gives: the same
     tokens, log-probs and entropies."""
-    import rollout
-
     model, tok = smollm2
     kw = dict(group_size=3, max_new_tokens=20, temperature=0.7, top_p=0.95, seed=5)
-    monkeypatch.setattr(rollout, "TOP_P_WINDOW", window)
-    monkeypatch.setattr(rollout, "TOP_P_SPARE_ROWS", spare_rows)
+    monkeypatch.setattr(sampling, "TOP_P_WINDOW", window)
+    monkeypatch.setattr(sampling, "TOP_P_SPARE_ROWS", spare_rows)
     at_once = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
     monkeypatch.setattr(decode, "CHECK_STOP_EVERY", {"cpu": 8})
     rewinds, rewind = [], decode.DecodeGraph.rewind
@@ -204,7 +199,7 @@ def test_rounds_redone_where_a_set_spilled_give_the_one_step_answers(smollm2, pr
     monkeypatch.setattr(decode.DecodeGraph, "rewind", counted_rewind)
     rounds = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
     assert len(rewinds) == redone  # (window 2, no spare rows: the first round, then the full sort)
-    monkeypatch.setattr(rollout, "TOP_P_WINDOW", None)
+    monkeypatch.setattr(sampling, "TOP_P_WINDOW", None)
     full_sort = sample(model, tok, prompts[:2], cuda_graph=True, **kw)
     for r in (rounds, full_sort):
         assert torch.equal(r.response_ids, at_once.response_ids) and r.texts == at_once.texts
@@ -283,6 +278,7 @@ def test_padded_vocab_rows_are_never_sampled(smollm2):
         (dict(top_p=0.0), "top_p must be in"),
         (dict(top_p=1.5), "top_p must be in"),
         (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(fast=False, cuda_graph=True), "cuda_graph=True is the fast sampler's"),
     ],
 )
 def test_bad_sampling_arguments(smollm2, kwargs, message):
@@ -291,6 +287,77 @@ def test_bad_sampling_arguments(smollm2, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         sample(model, tok, **args)
+
+
+# --- the fast sampler (fast/sampling.py, the default) against the reference loop (fast=False) ---
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k",
+                         [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 0), (0.8, 1.0, 20), (0.6, 0.95, 5)])
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: top-p sets fit the window; flat: they spill
+def test_the_fast_draw_is_the_reference_draw(temperature, top_p, top_k, scale):
+    """For the same generator, pick_next_token draws draw_token's tokens: without a window, and with
+    one (64 tokens, 16 spare rows) in every row it says fitted, whose sets the spare rows or the
+    window hold; the rows it says spilled are drawn again with the full sort by fast.sampling.sample."""
+    torch.manual_seed(int(scale))
+    logits = torch.randn(400, 3000) * scale  # (N, V)
+    ref = draw_token(logits, temperature, top_p, top_k, torch.Generator().manual_seed(9))
+    full, _ = pick_next_token(logits, temperature, top_p, top_k, torch.Generator().manual_seed(9))
+    window, fits = pick_next_token(logits, temperature, top_p, top_k, torch.Generator().manual_seed(9), 64, 16)
+    assert torch.equal(full, ref)
+    if fits is None:  # no top-p set to fit: no window either
+        assert torch.equal(window, ref) and (top_p == 1 or temperature == 0)
+    else:
+        assert torch.equal(window[fits], ref[fits])
+        assert fits.sum() == (16 if scale < 1 and not top_k else 400)  # flat sets: the spare rows fit
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.95, 0), (0.8, 1.0, 20)])
+def test_the_fast_sampler_gives_the_reference_loops_numbers(smollm2, prompts, monkeypatch, temperature, top_p, top_k):
+    """sample() as train.py and evaluate.py call it on a CPU (fast=True, the default: rows that stop
+    leave the batch, top-p through the window) against the plain loop (fast=False) on SmolLM2: the
+    same tokens, texts, log-probs and entropies for the same seed, to the bit (3 prompts x 4
+    answers over 48 tokens, some stop; the static cache's path is compared in float32 below)."""
+    model, tok = smollm2
+    kw = dict(group_size=4, max_new_tokens=48, temperature=temperature, top_p=top_p, top_k=top_k, seed=2)
+    ref = sample(model, tok, prompts, fast=False, **kw)
+    calls, take_rows = [], KVCache.take_rows
+    monkeypatch.setattr(KVCache, "take_rows", lambda self, rows: calls.append(len(rows)) or take_rows(self, rows))
+    fast = sample(model, tok, prompts, **kw)
+    assert torch.equal(fast.response_ids, ref.response_ids) and fast.texts == ref.texts
+    assert torch.equal(fast.response_mask, ref.response_mask) and torch.equal(fast.stopped, ref.stopped)
+    assert torch.equal(fast.logprobs, ref.logprobs) and torch.equal(fast.entropies, ref.entropies)
+    assert ref.stopped.sum() < 3 or calls[-1] < 12  # 3 of 12 rows stopped: the fast path dropped rows
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_the_fast_samplers_redone_steps_give_the_reference_loops_numbers(monkeypatch, amp):
+    """Random weights: flat distributions whose top-p sets spill far out of the window. With a
+    2-token window the fast sampler redraws each spilled step at once with the full sort (eagerly,
+    a CPU's way); in a GPU's rounds of 8 steps over the static cache, with no spare rows, it decodes
+    its first round again (one rewind) and sorts from then on. Both must give the reference loop's
+    tokens, log-probs and entropies: in float32, and eagerly under bfloat16 autocast (train.py's
+    way). (Under bfloat16 the static cache's longer, bucketed rows round the attention's sums
+    otherwise, so its logits are not the reference's to the bit: the rounds are checked in float32.)"""
+    model, tok = model_from_hf(tiny_hf_model("qwen2", vocab_size=len(_char_tok()))).eval(), _char_tok()
+    kw = dict(group_size=4, max_new_tokens=30, temperature=0.7, top_p=0.9, seed=4)
+    qs = ["7*8=?", "1+1", "12*12=?"]
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        ref = sample(model, tok, qs, fast=False, **kw)
+        monkeypatch.setattr(sampling, "TOP_P_WINDOW", 2)
+        paths = [sample(model, tok, qs, cuda_graph=False, **kw)]
+        monkeypatch.setattr(sampling, "TOP_P_SPARE_ROWS", 0)
+        monkeypatch.setitem(decode.CHECK_STOP_EVERY, "cpu", 8)
+        rewinds, rewind = [], decode.DecodeGraph.rewind
+        counted = lambda graph, mark: rewinds.append(mark) or rewind(graph, mark)  # noqa: E731
+        monkeypatch.setattr(decode.DecodeGraph, "rewind", counted)
+        if amp is None:
+            paths.append(sample(model, tok, qs, cuda_graph=True, **kw))
+            assert len(rewinds) == 1
+    for fast in paths:
+        assert torch.equal(fast.response_ids, ref.response_ids) and fast.texts == ref.texts
+        assert torch.allclose(fast.logprobs, ref.logprobs, atol=1e-5)
+        assert torch.allclose(fast.entropies, ref.entropies, atol=1e-5)
 
 
 # --- the graph path's static, bucketed cache (on a CPU it runs without recording a graph) ------
@@ -459,10 +526,8 @@ def test_cuda_graph_replay_equals_eager_decoding_on_cuda(temperature, top_p, mon
     (greedy and seeded; 4 prompts x 3 = 12 rows in a 16-row bucket, 64 tokens). At top-p 0.95 the
     random weights' top-p sets are far larger than the 64-token window: with 4 spare rows for 12
     rows, the graph path's first round of 8 steps is decoded again with the full sort and the rest
-    sorts (rollout.sample), while eager decoding redoes each step at once."""
-    import rollout
-
-    monkeypatch.setattr(rollout, "TOP_P_SPARE_ROWS", 4)
+    sorts (fast.sampling.sample), while eager decoding redoes each step at once."""
+    monkeypatch.setattr(sampling, "TOP_P_SPARE_ROWS", 4)
     model, tok = _random_smollm2_on_cuda()
     qs = [format_prompt(tok, q) for q in QUESTIONS + ["What is 12 * 12?"]]
     kw = dict(group_size=3, max_new_tokens=64, temperature=temperature, top_p=top_p, seed=5)

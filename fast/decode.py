@@ -1,13 +1,13 @@
 """
-decode.py -- one decode step for every row of a batch: the inner loop of rollout.sample.
+fast/decode.py -- one decode step for every row of a batch: the inner loop of the fast sampler.
 
-rollout.sample prefills the prompts, then calls `step(tokens, done) -> logits` once per new token.
-Two engines serve that call:
+fast/sampling.py's sample prefills the prompts, then calls `step(tokens, done) -> logits` once per
+new token (where rollout.sample's reference loop calls the model itself). Two engines serve that call:
   * EagerDecoder runs the model as ordinary PyTorch, on any device, and drops the rows that have
     stopped from the batch (cheap on a CPU, where a step's cost grows with its rows);
   * DecodeGraph records one step as a CUDA graph and replays it (on a GPU, where launching a step's
     thousand small kernels from Python costs more than running them).
-Both give the same tokens (tests/test_rollout.py compares them).
+Both give the reference loop's tokens (tests/test_rollout.py compares them).
 """
 
 import time
@@ -36,7 +36,7 @@ class EagerDecoder:
     """step(token (N,), done (N,)) -> logits (N, V), computing only the rows not done.
 
     Dropping rows asks the device how many are still decoding, so the host waits for it every step
-    anyway: sample's rounds are one step long here (check_every), and never need undoing."""
+    anyway: fast.sampling.sample's rounds are one step long here (check_every), and never need undoing."""
 
     check_every = 1
 
@@ -95,7 +95,7 @@ class DecodeGraph:
     load() puts a prefilled prompt cache in (each prompt's keys and values copied to its G rows);
     calling it replays the graph: tokens (N,) -> logits (N, V). record=False runs the same step
     eagerly on the same static cache: what the tests compare on a CPU, where graphs do not exist.
-    mark() and rewind() let sample() decode a round of steps again (see rollout.sample).
+    mark() and rewind() let sample() decode a round of steps again (see fast.sampling.sample).
     """
 
     def __init__(self, model, rows: int, length: int, dtype, record: bool = True):
