@@ -68,7 +68,7 @@ class KVCache:
     prefill: model(prompt_ids, attention_mask, cache)   writes positions [0, P)
     decode:  model(next_token[:, None], cache=cache)     writes position P, then P+1, ...
 
-    static=True serves CUDA graphs (rollout.py's `cuda_graph` option). A graph replays the same
+    static=True serves CUDA graphs (the fast sampler's `cuda_graph` option, fast/sampling.py). A graph replays the same
     kernels on the same shapes and addresses every step, so a static cache differs in two ways:
     attention reads all max_len slots (those not written yet are masked out, like padding) instead
     of a slice that grows by one each step, and the next free slot is a tensor on the device
@@ -109,7 +109,7 @@ class KVCache:
         """A cache holding rows `rows` (n,) of this one, in that order (a copy).
 
         rows = [0, 0, 1, 1]: one prompt prefilled once serves its 2 samples (rollout.sample);
-        rows = the ones still decoding: rows that stopped leave the batch (rollout.EagerDecoder)."""
+        rows = the ones still decoding: rows that stopped leave the batch (fast.decode.EagerDecoder)."""
         new = KVCache.__new__(KVCache)
         new.k = [k.index_select(0, rows) for k in self.k]
         new.v = [v.index_select(0, rows) for v in self.v]

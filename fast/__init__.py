@@ -12,4 +12,7 @@ gives the reference's tokens, log-probabilities, entropies and gradients.
                   with mark/rewind on a GPU
     decode.py     its decode step: eagerly with the rows that have stopped dropped from the batch
                   (EagerDecoder), or replayed as a CUDA graph (DecodeGraph, cast_weights, graph_stats)
+    micro_batches.py  the update's fast path (its switch: update.FAST, on by default): micro-batches
+                  cut to their rows' real tokens, longest answers first, sized by a GPU memory
+                  probe, with recomputation and a smaller retry when memory runs out
 """
