@@ -68,8 +68,9 @@ class KVCache:
     prefill: model(prompt_ids, attention_mask, cache)   writes positions [0, P)
     decode:  model(next_token[:, None], cache=cache)     writes position P, then P+1, ...
 
-    static=True serves CUDA graphs (the fast sampler's `cuda_graph` option, fast/sampling.py). A graph replays the same
-    kernels on the same shapes and addresses every step, so a static cache differs in two ways:
+    static=True serves CUDA graphs (the fast sampler's `cuda_graph` option, fast/sampling.py). A
+    graph replays the same kernels on the same shapes and addresses every step, so a static cache
+    differs in two ways:
     attention reads all max_len slots (those not written yet are masked out, like padding) instead
     of a slice that grows by one each step, and the next free slot is a tensor on the device
     (`position`), which the replayed kernels advance themselves, rather than the Python int `length`.
