@@ -21,8 +21,8 @@ it stopped and redoes nothing (an --out_dir holding a study of other settings is
   3. per seed (--seed, --seed + 1, ...): plain GRPO (alpha 0 unless --alpha is given) in segments of
      --every steps, each a train.train() call resuming the last one's checkpoint, kept with its
      optimiser state (keep_optimizer): train.py's resume is exact, so the segments make the same
-     run as one call of --steps steps. Each checkpoint is evaluated on both sets (OUT/seed<s>/
-     step<t>/); after the seed's last, it is deleted (metrics.jsonl stays; SmolLM2-135M's
+     run as one call of --steps steps. Each checkpoint is evaluated on both sets, into
+     OUT/seed<s>/step<t>/; after the seed's last, it is deleted (metrics.jsonl stays; SmolLM2-135M's
      checkpoint is 1.6 GB with AdamW's moments).
   4. the report (results.md, results.json, printed): per checkpoint, Pass@1 and Pass@K at K = n as
      differences from the start with 95% intervals from report.bootstrap (seeds and problems
