@@ -107,7 +107,7 @@ def accepted_flags(script: str) -> frozenset:
 def test_the_readme_has_commands_for_every_script():
     scripts = {s for s, _ in commands()}
     assert {"train.py", "evaluate.py", "entropy_view.py", "bench.py", "experiment.py", "trl_entropy.py",
-            "one_update.py"} <= scripts
+            "one_update.py", "narrowing.py"} <= scripts
 
 
 def test_every_command_names_a_script_and_flags_it_accepts():
@@ -164,7 +164,8 @@ def test_every_option_the_prose_names_exists():
                      if "-->" not in line)  # the pipeline's arrows
     named = set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text)) - set(OTHER_TOOLS)
     known = set().union(*(accepted_flags(s) for s in
-                           ("train.py", "evaluate.py", "entropy_view.py", "bench.py", "experiment.py", "trl_entropy.py")))
+                           ("train.py", "evaluate.py", "entropy_view.py", "bench.py", "experiment.py", "trl_entropy.py",
+                            "one_update.py", "narrowing.py")))
     unknown = sorted(f for f in named if f.replace("_", "-") not in known)
     assert not unknown, f"the README or docs/ name options no script accepts: {unknown}"
 
