@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_hf_model
 
 import decode
-from load import model_from_hf
+from plumbing.load import model_from_hf
 from model import KVCache
 from rollout import format_prompt, inverse_cdf_draw, logprobs_and_entropy, pick_next_token, sample, score_responses, stop_token_ids
 
