@@ -190,8 +190,8 @@ def test_no_user_facing_text_names_paths_a_user_does_not_have():
     GPU scripts) are not what a user has: the README, the scripts' help, messages and docstrings,
     the presets and the notebook name what to do instead ("download GSM8K's test split as a .jsonl
     file and pass its path")."""
-    files = [ROOT / "README.md", *DOCS, ROOT / "tutorial.ipynb", *ROOT.glob("*.py"), *ROOT.glob("plumbing/*.py"),
-             *ROOT.glob("config/*")]
+    files = [ROOT / "README.md", *DOCS, ROOT / "tutorial.ipynb", *ROOT.glob("*.py"),
+             *ROOT.glob("plumbing/*.py"), *ROOT.glob("config/*")]
     named = [f"{path.name}:{i}: {line.strip()}" for path in files
              for i, line in enumerate(path.read_text().splitlines(), 1)
              if "../shared" in line or ".ci/" in line]
