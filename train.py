@@ -62,7 +62,6 @@ from tqdm import tqdm
 
 from advantage import (entropy_shaped_advantages, explained_variance, gae_advantages,
                        group_advantages, masked_mean, policy_loss, zero_spread)
-from decode import graph_stats
 from evaluate import EvalSettings, cuda_graph_option, evaluate
 from grader import grade_response
 from plumbing.checkpoints import check_resume, restore, save_checkpoint
@@ -71,6 +70,7 @@ from plumbing.load import find_model, load_model
 from plumbing.metrics import MetricsLogger, Watch, plot_metrics, summarise
 from plumbing.precision import choose_precision
 from plumbing.run_folder import check_out_dir, claim_out_dir, release_out_dir, resume_hint
+from decode import graph_stats
 from rollout import Rollout, format_prompt, sample, score_responses
 from tasks import batches_of_problems, load_tasks
 from update import (Learner, Means, OldScores, add_actor_stats, clipped_step, critic_loss_backward,
