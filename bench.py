@@ -57,13 +57,13 @@ from types import SimpleNamespace
 import torch
 
 from advantage import policy_loss
-from cli import OneLineParser, check_out_file
 from evaluate import check_device
 from fast.sampling import pick_next_token
-from load import _hf_load, _smollm2_gguf, model_from_hf
 from model import response_outputs
+from plumbing.command_line import OneLineParser, check_out_file
+from plumbing.load import _hf_load, _smollm2_gguf, model_from_hf
+from plumbing.precision import choose_precision
 from rollout import Rollout, logprobs_and_entropy, sample, score_responses
-from runs import choose_precision
 
 # -----------------------------------------------------------------------------------------------
 # Sizes of the full run and of the toy run (--quick), all in one place

@@ -310,8 +310,8 @@ def sample_answers(model, tokenizer, problems, settings) -> list:
 
 
 def main(argv=None):
-    from cli import OneLineParser, check_context, check_sampling, make_out_folder
     from evaluate import EvalSettings, check_device, cuda_graph_option
+    from plumbing.command_line import OneLineParser, check_context, check_sampling, make_out_folder
     from tasks import load_problems
 
     p = OneLineParser(description="Colour sampled tokens by entropy; compare pivotal and reflective words.")
@@ -339,7 +339,7 @@ def main(argv=None):
         check_device(args.device)
         cuda_graph = cuda_graph_option(args.cuda_graph, args.device)
         make_out_folder(args.out)
-        from load import load_model
+        from plumbing.load import load_model
 
         problems = load_problems(args.task, "test", args.limit, args.seed, args.question_field, args.answer_field)
         model, tokenizer = load_model(args.model, device=args.device)

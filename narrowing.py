@@ -46,13 +46,13 @@ import sys
 import torch
 
 import train
-from cli import check_context
 from evaluate import EvalSettings, cuda_graph_option, evaluate, load_summary
 from experiment import EVAL_TEMPERATURE, EVAL_TOP_P, positive_int, start_model, timed
-from flags import parse_args
-from load import load_model
+from plumbing.checkpoints import read_trainer_state
+from plumbing.command_line import check_context, parse_args
+from plumbing.load import load_model
+from plumbing.precision import choose_precision
 from report import bootstrap, per_problem_pass_at_k
-from runs import choose_precision, read_trainer_state
 from tasks import load_problems
 from train import Config
 

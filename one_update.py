@@ -64,10 +64,11 @@ import torch
 
 import train
 from advantage import entropy_shaped_advantages, masked_mean
-from cli import OneLineParser, check_context, make_out_folder
-from load import find_model, load_model
+from plumbing.command_line import OneLineParser, check_context, make_out_folder
+from plumbing.load import find_model, load_model
+from plumbing.precision import choose_precision
 from rollout import Rollout, format_prompt, sample, score_responses
-from runs import batches_of_problems, choose_precision, load_tasks
+from tasks import batches_of_problems, load_tasks
 from update import Learner, make_learners, micro_batch_plan, score_old_policy
 
 SIZE = dict(task="arith", prompts_per_step=2, group_size=8, max_new_tokens=40, temperature=1.0)

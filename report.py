@@ -13,7 +13,7 @@ import os
 import torch
 
 from evaluate import default_ks, pass_at_k
-from metrics import plot_panels
+from plumbing.metrics import plot_panels
 
 DRAWS = 2000  # bootstrap replicates
 # The verdict's one K, fixed before any run: the largest K both sizes evaluate (n = 32 and 256), a

@@ -8,7 +8,8 @@ Where it sits in the pipeline:
 Every task becomes a list of Problem: a question for the prompt, a gold answer for the grader
 (grader.py), and an id for the records. train.py draws its training prompts from one task and its
 held-out problems from another (or from a hashed share of the same file); evaluate.py measures Pass@K
-on any of them.
+on any of them. Its last section is train.py's side of that: load_tasks (the training and the
+held-out problems, checked before the model loads) and batches_of_problems (each step's prompts).
 
     load_problems("arith:2", split="test", limit=8)            # built in: offline, generated from a seed
     load_problems("gsm8k", split="train")                      # the hub (or its cache)
@@ -28,6 +29,8 @@ import json
 import os
 import random
 from dataclasses import dataclass
+
+import torch
 
 from grader import last_boxed
 
@@ -125,7 +128,7 @@ def _load_hub(name: str, split: str):
     import datasets
     import huggingface_hub.constants as hub
 
-    from load import hub_reachable
+    from plumbing.load import hub_reachable
 
     repo, config, splits = HUB_TASKS[name]
     if split not in splits:
@@ -276,3 +279,45 @@ def held_out_split(problems: list, percent: int = LOCAL_TEST_PERCENT) -> tuple:
     side, so the split is the same on every run and a repeated question never lands on both."""
     is_test = [int(hashlib.sha256(p.question.encode()).hexdigest()[:8], 16) % 100 < percent for p in problems]
     return [p for p, t in zip(problems, is_test) if not t], [p for p, t in zip(problems, is_test) if t]
+
+
+# -----------------------------------------------------------------------------------------------
+# The problems: which ones train, which ones are held out
+
+
+def batches_of_problems(problems, batch_size: int, seed: int, step: int):
+    """The prompts of step `step`: epochs over a seeded shuffle, so a resumed run sees the same order."""
+    per_epoch = len(problems) // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [problems[j] for j in order[i * batch_size : (i + 1) * batch_size]]
+
+
+def load_tasks(cfg, problems=None) -> tuple:
+    """(training problems, held-out problems), checked before the model loads. A single local file
+    has no test split: a fixed share of its rows is held out and never trained on (held_out_split)."""
+    if problems is None:
+        if is_local_task(cfg.task) and not cfg.eval_task:
+            problems = held_out_split(load_problems(cfg.task, **fields_of(cfg)))[0]
+        else:
+            problems = load_problems(cfg.task, split="train", seed=cfg.seed, **fields_of(cfg))
+    held_out = held_out_problems(cfg) if cfg.eval_problems else []
+    if len(problems) < cfg.prompts_per_step:
+        raise ValueError(f"{cfg.task}: {len(problems)} training problems, fewer than one step's --prompts_per_step "
+                         f"{cfg.prompts_per_step}: lower it or add problems")
+    if cfg.eval_problems and not held_out:
+        raise ValueError(f"{cfg.eval_task or cfg.task} gave no held-out problems: pass --eval_task FILE, or --eval_problems 0")
+    return problems, held_out
+
+
+def held_out_problems(cfg) -> list:
+    """The first eval_problems of the test split of --eval_task, else of --task; of a single local
+    file, of its held-out share. "Held-out" is never the training set. (experiment.py uses it too.)"""
+    if is_local_task(cfg.task) and not cfg.eval_task:
+        return held_out_split(load_problems(cfg.task, **fields_of(cfg)))[1][: cfg.eval_problems]
+    return load_problems(cfg.eval_task or cfg.task, split="test", limit=cfg.eval_problems, seed=cfg.seed, **fields_of(cfg))
+
+
+def fields_of(cfg) -> dict:
+    """The field names of a local task file, where given."""
+    return dict(question_field=cfg.question_field or None, answer_field=cfg.answer_field or None)

@@ -17,8 +17,7 @@ One step of the loop is the whole pipeline, one function call per arrow (train()
 This file holds the configuration, the loop and its update(), where the paper's line meets the
 model. The boxes live in their own files: rollout.py samples, grader.py grades, advantage.py holds
 the maths (the paper's line, the clipped loss), update.py the learners and the optimiser step;
-runs.py and metrics.py are the bookkeeping (precision, data, checkpoints; logs, warnings, plots),
-flags.py the command line; tasks.py gives the problems, evaluate.py the held-out Pass@K.
+tasks.py gives the problems, evaluate.py the held-out Pass@K; plumbing/ is the bookkeeping.
 
 Our choices, and where we simplify against the paper (its Appendix B):
   1. The entropy term: psi_t = min(alpha * H_t.detach(), |A_t| / kappa) added to every response
@@ -63,16 +62,17 @@ from tqdm import tqdm
 
 from advantage import (entropy_shaped_advantages, explained_variance, gae_advantages,
                        group_advantages, masked_mean, policy_loss, zero_spread)
-from cli import check_context
 from evaluate import EvalSettings, cuda_graph_option, evaluate
 from grader import grade_response
-from flags import check_config, parse_args
-from metrics import MetricsLogger, Watch, plot_metrics, summarise
-from load import find_model, load_model
 from fast.decode import graph_stats
+from plumbing.checkpoints import check_resume, restore, save_checkpoint
+from plumbing.command_line import check_config, check_context, parse_args
+from plumbing.load import find_model, load_model
+from plumbing.metrics import MetricsLogger, Watch, plot_metrics, summarise
+from plumbing.precision import choose_precision
+from plumbing.run_folder import check_out_dir, claim_out_dir, release_out_dir, resume_hint
 from rollout import Rollout, format_prompt, sample, score_responses
-from runs import (batches_of_problems, check_out_dir, check_resume, choose_precision, claim_out_dir, load_tasks,
-                  release_out_dir, restore, resume_hint, save_checkpoint)
+from tasks import batches_of_problems, load_tasks
 from update import (Learner, Means, OldScores, add_actor_stats, clipped_step, critic_loss_backward,
                     make_learners, micro_batch_plan, reference_model, score_old_policy)
 
@@ -92,9 +92,9 @@ class Config:
     progress: bool = True  # tqdm bars
     log: str = ""  # also log to "tensorboard" (in out_dir/tensorboard) or "wandb" (offline); "" = metrics.jsonl only
     # --- model
-    model: str = "smollm2-135m"  # alias, .gguf file, local folder or hub id (see load.load_model)
+    model: str = "smollm2-135m"  # alias, .gguf file, local folder or hub id (see plumbing/load.py)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast over float32 weights (see runs.choose_precision)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: autocast over float32 weights (see plumbing/precision.py)
     cuda_graph: str = "auto"  # auto | true | false: replay each decode step as a CUDA graph (auto: on CUDA)
     recompute: str = "auto"  # auto | true | false: recompute RMSNorm, SwiGLU, LM head in backward (auto: when memory needs it)
     gradient_checkpointing: bool = False  # recompute whole blocks in backward: for big models on one GPU
@@ -135,7 +135,7 @@ class Config:
     gamma: float = 1.0
     lam: float = 1.0
     # --- evaluation (greedy pass@1 on held-out problems, at the start and at the end)
-    eval_task: str = ""  # "" = the test split of --task (a local file: its hash-picked 10%, see runs.load_tasks)
+    eval_task: str = ""  # "" = the test split of --task (a local file: its hash-picked 10%, see tasks.load_tasks)
     eval_problems: int = 128  # 0 = skip
     eval_every: int = 0  # also evaluate every this many steps; 0 = only start and end
     eval_batch: int = 64  # prompts per sampling batch in evaluation

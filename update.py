@@ -27,7 +27,7 @@ import torch
 
 from advantage import shaping_stats, value_loss
 from fast.micro_batches import MicroBatchPlan
-from load import load_model
+from plumbing.load import load_model
 from model import Critic
 from rollout import Rollout, score_responses
 
@@ -40,7 +40,7 @@ class Learner:
     """A network and what updates it: the actor (the policy), or PPO's critic.
 
     The scaler acts only under float16 autocast (GPUs below compute capability 8.0; see
-    runs.choose_precision): small gradients underflow to 0 in float16, so the loss is multiplied by a
+    plumbing/precision.py): small gradients underflow to 0 in float16, so the loss is multiplied by a
     large factor before backward and the gradients divided by it again before the step; a step whose
     gradients overflowed is skipped and the factor lowered. Under bfloat16 or float32 it does nothing.
     """
@@ -48,7 +48,7 @@ class Learner:
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    amp: Callable = nullcontext  # returns a fresh autocast context for its forwards (runs.Precision.autocast)
+    amp: Callable = nullcontext  # returns a fresh autocast context for its forwards (plumbing/precision.py)
 
 
 @dataclass

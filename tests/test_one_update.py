@@ -12,7 +12,7 @@ import torch
 
 import one_update
 import train
-from load import load_model
+from plumbing.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 

@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-import flags
 import train
+from plumbing import command_line
 from train import Config
 
-PRESETS = sorted(flags.preset_names())
+PRESETS = sorted(command_line.preset_names())
 
 
 def test_there_are_presets_and_help_lists_them(capsys):
@@ -21,18 +21,18 @@ def test_there_are_presets_and_help_lists_them(capsys):
         train.main(["--help"])
     out = capsys.readouterr().out
     for name in PRESETS:
-        assert f"  {name} " in out and flags.preset_names()[name] in out
+        assert f"  {name} " in out and command_line.preset_names()[name] in out
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_each_preset_parses_and_passes_check_config(name):
-    values = flags.parse_args(["--preset", name], Config)
+    values = command_line.parse_args(["--preset", name], Config)
     assert values and set(values) <= {f.name for f in dataclasses.fields(Config)}
     train.check_config(train.resolve_defaults(Config(**values)))  # raises on a bad value
 
 
 def test_the_gsm8k_preset_is_the_readme_recipe():
-    values = flags.read_preset("qwen05-gsm8k", Config)
+    values = command_line.read_preset("qwen05-gsm8k", Config)
     assert values == dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="gsm8k", out_dir="runs/qwen05-gsm8k",
                           max_new_tokens=512, prompts_per_step=64, group_size=8, mini_batches=4, lr=1e-6,
                           steps=200, eval_problems=500, eval_every=50)
@@ -41,7 +41,7 @@ def test_the_gsm8k_preset_is_the_readme_recipe():
 def test_a_flag_given_wins_over_the_preset_wherever_it_stands():
     for argv in (["--preset", "qwen05-gsm8k", "--steps", "5", "--lr=2e-6"],
                  ["--steps", "5", "--preset=qwen05-gsm8k", "--lr", "2e-6"]):
-        values = flags.parse_args(argv, Config)
+        values = command_line.parse_args(argv, Config)
         assert values["steps"] == 5 and values["lr"] == 2e-6 and values["task"] == "gsm8k"
 
 
@@ -49,7 +49,7 @@ def test_a_preset_may_be_a_file_of_your_own(tmp_path):
     path = tmp_path / "mine.py"
     path.write_text("# my run\nlr = 3e-6  # a comment\nalpha = None\ncritic_lr = 1  # an int where a float goes\n"
                     "gradient_checkpointing = True\n")
-    assert flags.parse_args(["--preset", str(path)], Config) == dict(lr=3e-6, alpha=None, critic_lr=1.0,
+    assert command_line.parse_args(["--preset", str(path)], Config) == dict(lr=3e-6, alpha=None, critic_lr=1.0,
                                                                       gradient_checkpointing=True)
 
 
@@ -62,17 +62,17 @@ class Edited:
 
 
 def test_a_flags_type_is_its_annotation_not_its_default(tmp_path):
-    assert flags.parse_args(["--alpha", "0.4", "--steps", "3"], Edited) == dict(alpha=0.4, steps=3)
-    assert flags.parse_args(["--alpha", "none"], Edited) == dict(alpha=None)  # None: the paper's value
-    assert flags.parse_args(["--alpha", "none"], Config) == dict(alpha=None)
+    assert command_line.parse_args(["--alpha", "0.4", "--steps", "3"], Edited) == dict(alpha=0.4, steps=3)
+    assert command_line.parse_args(["--alpha", "none"], Edited) == dict(alpha=None)  # None: the paper's value
+    assert command_line.parse_args(["--alpha", "none"], Config) == dict(alpha=None)
     with pytest.raises(ValueError, match="--steps expects an int, got 'none'"):
-        flags.parse_args(["--steps", "none"], Edited)  # only a field that allows None takes it
+        command_line.parse_args(["--steps", "none"], Edited)  # only a field that allows None takes it
     path = tmp_path / "mine.py"
     path.write_text("alpha = 0.4\nsteps = 3\n")  # presets follow the same rule
-    assert flags.read_preset(str(path), Edited) == dict(alpha=0.4, steps=3)
+    assert command_line.read_preset(str(path), Edited) == dict(alpha=0.4, steps=3)
     path.write_text("steps = None\n")
     with pytest.raises(ValueError, match="steps = None should be an int"):
-        flags.read_preset(str(path), Edited)
+        command_line.read_preset(str(path), Edited)
 
 
 @pytest.mark.parametrize("text, message", [

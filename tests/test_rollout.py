@@ -6,7 +6,7 @@ from conftest import tiny_hf_model
 
 from fast import decode, sampling
 from fast.sampling import inverse_cdf_draw, pick_next_token
-from load import model_from_hf
+from plumbing.load import model_from_hf
 from model import KVCache
 from rollout import draw_token, format_prompt, logprobs_and_entropy, sample, score_responses, stop_token_ids
 

@@ -12,11 +12,10 @@ import time
 import pytest
 
 import evaluate
-import load
 import rollout
-import runs
 import train
 from conftest import ROOT
+from plumbing import load, run_folder
 from train import Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
@@ -53,7 +52,7 @@ def test_a_finished_run_is_refused_on_resume_and_left_byte_for_byte(tmp_path, ti
         train.main(["--resume", ckpt])
     assert stop.value.code == 2
     assert "--steps N with N > 1" in one_line(capsys.readouterr().err)
-    assert files_of(out) == before and not (out / runs.LOCK).exists()
+    assert files_of(out) == before and not (out / run_folder.LOCK).exists()
     train.main(["--resume", ckpt, "--steps", "2"])  # told to train on, it does
     assert [(r["kind"], r["step"]) for r in runs_rows(out)] == [("eval", 0), ("train", 1), ("eval", 1),
                                                                ("train", 2), ("eval", 2)]
@@ -97,7 +96,7 @@ def test_a_run_interrupted_then_resumed_keeps_its_start_accuracy(tmp_path, tiny_
     monkeypatch.setattr(train, "update", update_then_ctrl_c)
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_folder, out, "--steps", "3"))
-    assert stop.value.code == 130 and not (out / runs.LOCK).exists()
+    assert stop.value.code == 130 and not (out / run_folder.LOCK).exists()
     monkeypatch.undo()
     capsys.readouterr()
     train.main(["--resume", str(out / "checkpoint")])
@@ -114,7 +113,7 @@ def test_a_run_interrupted_then_resumed_keeps_its_start_accuracy(tmp_path, tiny_
 def test_no_steps_and_no_evaluation_runs_cleanly(tmp_path, tiny_folder):
     out = tmp_path / "run"
     summary = train.main(tiny_args(tiny_folder, out, "--steps", "0", "--eval_problems", "0"))
-    assert summary["steps"] == 0 and (out / "summary.json").exists() and not (out / runs.LOCK).exists()
+    assert summary["steps"] == 0 and (out / "summary.json").exists() and not (out / run_folder.LOCK).exists()
 
 
 @pytest.mark.parametrize("case", ["context", "offline hub id", "ctrl-c while loading"])
@@ -134,7 +133,7 @@ def test_failures_after_the_folder_is_claimed_leave_no_lock(case, tmp_path, tiny
     with pytest.raises(SystemExit) as stop:
         train.main(args)
     captured = capsys.readouterr()
-    assert not (out / runs.LOCK).exists()
+    assert not (out / run_folder.LOCK).exists()
     if case == "ctrl-c while loading":
         assert stop.value.code == 130 and "Traceback" not in captured.err
         assert "interrupted: no checkpoint was saved: run the same command again" in captured.out
@@ -161,7 +160,7 @@ def test_sigint_stops_a_background_run_which_saves_and_exits_130(tmp_path, tiny_
         job.kill()
     assert job.returncode == 130, stderr
     assert "interrupted: saving a checkpoint" in stdout and "Traceback" not in stderr
-    assert (out / "checkpoint" / "trainer_state.pt").exists() and not (out / runs.LOCK).exists()
+    assert (out / "checkpoint" / "trainer_state.pt").exists() and not (out / run_folder.LOCK).exists()
 
 
 # --- evaluate.py: results are never replaced unasked; Ctrl-C keeps what was sampled ---------------

@@ -65,7 +65,7 @@ def test_unreachable_hub_fails_fast_with_one_sentence(monkeypatch):
     def no_network(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
 
-    import load
+    from plumbing import load
 
     monkeypatch.setattr(load, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(datasets, "load_dataset", no_network)

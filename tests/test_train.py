@@ -8,11 +8,12 @@ import re
 import pytest
 import torch
 
-import runs
+import tasks
 import train
 import update
 from fast import micro_batches
-from load import load_model
+from plumbing import checkpoints, precision, run_folder
+from plumbing.load import load_model
 from train import Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
@@ -299,15 +300,15 @@ def test_a_live_run_holds_its_folder_and_a_dead_ones_lock_is_taken_over(tmp_path
     out.mkdir()
     live = subprocess.Popen(["sleep", "30"])
     try:
-        (out / runs.LOCK).write_text(str(live.pid))
+        (out / run_folder.LOCK).write_text(str(live.pid))
         with pytest.raises(ValueError, match=f"another run \\(PID {live.pid}\\) is writing to"):
             train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
     finally:
         live.kill()
         live.wait()
-    (out / runs.LOCK).write_text(str(live.pid))  # that process is gone now: a stale lock
+    (out / run_folder.LOCK).write_text(str(live.pid))  # that process is gone now: a stale lock
     train.train(tiny_config(tmp_path, tiny_folder, steps=1), reward_fn=is_digit)
-    assert not (out / runs.LOCK).exists()  # released at the end
+    assert not (out / run_folder.LOCK).exists()  # released at the end
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_folder, monkeypatch):
@@ -318,11 +319,11 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny
     def fail(*a, **k):  # model.safetensors is written by then: the save dies midway
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs.torch, "save", fail)
+    monkeypatch.setattr(checkpoints.torch, "save", fail)
     with pytest.raises(KeyboardInterrupt):
         model, tok = load_model(tiny_folder, device="cpu")
         actor = update.Learner(model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False))
-        runs.save_checkpoint(str(ckpt), Config(), 5, model, tok, actor)
+        checkpoints.save_checkpoint(str(ckpt), Config(), 5, model, tok, actor)
     assert {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)} == before
     monkeypatch.undo()
     train.main(["--resume", str(ckpt), "--steps", "2"])  # and it resumes
@@ -415,10 +416,10 @@ def test_a_local_task_file_holds_out_a_fixed_share_never_trained_on(tmp_path):
     path = tmp_path / "sums.jsonl"
     path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(200)))
     cfg = train.resolve_defaults(Config(task=str(path), eval_problems=100))
-    problems, held_out = runs.load_tasks(cfg)
+    problems, held_out = tasks.load_tasks(cfg)
     assert 5 <= len(held_out) <= 40 and len(problems) + len(held_out) == 200
     assert not {p.question for p in problems} & {p.question for p in held_out}
-    assert runs.load_tasks(cfg)[1] == held_out  # the same split on every run
+    assert tasks.load_tasks(cfg)[1] == held_out  # the same split on every run
 
 
 def test_the_default_reward_gives_a_cut_off_right_answer_0():
@@ -484,7 +485,7 @@ def test_the_cpu_precision_never_depends_on_a_clock(monkeypatch):
             return now[0]
 
         monkeypatch.setattr(time, "perf_counter", clock)
-        chosen.append(runs.choose_precision("cpu", "auto").amp_dtype)
+        chosen.append(precision.choose_precision("cpu", "auto").amp_dtype)
     assert chosen == [None, None]  # this CPU has no bfloat16 instructions: float32, however fast it looks
 
 
@@ -494,12 +495,12 @@ def test_the_cpu_precision_follows_its_bfloat16_instructions(monkeypatch, avx512
     """bfloat16 autocast where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), else float32;
     a --dtype given wins, and a torch without these checks gets float32."""
     cpu_features(monkeypatch, avx512_bf16, amx)
-    assert runs.choose_precision("cpu", "auto").name == expected
-    assert runs.choose_precision("cpu", "float32").name == "float32"
-    assert runs.choose_precision("cpu", "bfloat16").name == "bfloat16 autocast"
+    assert precision.choose_precision("cpu", "auto").name == expected
+    assert precision.choose_precision("cpu", "float32").name == "float32"
+    assert precision.choose_precision("cpu", "bfloat16").name == "bfloat16 autocast"
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert runs.choose_precision("cpu", "auto").name == "float32"
+    assert precision.choose_precision("cpu", "auto").name == "float32"
 
 
 def test_the_precision_chosen_is_printed_and_kept_in_the_summary(tmp_path, tiny_folder, monkeypatch, capsys):
@@ -719,7 +720,7 @@ def test_the_update_gives_todays_numbers_on_a_saved_rollout(tiny_folder, algo, f
     model, _ = load_model(tiny_folder, device="cpu")
     cfg = train.resolve_defaults(Config(algo=algo, group_size=4, prompts_per_step=2, mini_batches=2, micro_batch="3",
                                         kl_coef=0.1, entropy_coef=0.01, lr=1e-3, alpha=0.1))
-    actor, critic = update.make_learners(cfg, model, runs.choose_precision("cpu", "float32"))
+    actor, critic = update.make_learners(cfg, model, precision.choose_precision("cpu", "float32"))
     learners = [actor] + ([critic] if critic else [])
     critic_before = torch.cat([p.detach().flatten() for p in critic.net.parameters()]) if critic else None
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)

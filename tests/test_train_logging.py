@@ -91,7 +91,7 @@ def test_plots_show_the_held_out_result_and_a_running_mean_of_the_reward(tmp_pat
     noisy training reward with its running mean beside the raw points."""
     from matplotlib.container import ErrorbarContainer
 
-    from metrics import RUNNING_MEAN, plot_metrics
+    from plumbing.metrics import RUNNING_MEAN, plot_metrics
 
     rewards = [0.19, 0.5, 0.25, 0.41, 0.31, 0.6, 0.19]
     rows = [{"kind": "eval", "step": 0, "accuracy": 0.25, "accuracy_se": 0.04, "truncated": 0.84}]

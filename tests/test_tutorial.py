@@ -37,7 +37,7 @@ def test_the_notebook_runs_top_to_bottom():
     nbformat = pytest.importorskip("nbformat", reason="pip install nbclient ipykernel (in requirements.txt)")
     nbclient = pytest.importorskip("nbclient", reason="pip install nbclient ipykernel (in requirements.txt)")
     pytest.importorskip("ipykernel", reason="pip install ipykernel (in requirements.txt)")
-    from load import _smollm2_gguf
+    from plumbing.load import _smollm2_gguf
 
     try:
         _smollm2_gguf()

@@ -1,5 +1,5 @@
 """
-metrics.py -- what a run reports while it runs: metrics.jsonl, TensorBoard or W&B, warnings, plots.
+plumbing/metrics.py -- what a run reports while it runs: metrics.jsonl, TensorBoard or W&B, warnings, plots.
 
 train.py's loop makes one record a step (reward, entropy, length, the update's statistics, timings)
 and hands it to these:

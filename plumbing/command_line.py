@@ -1,8 +1,8 @@
 """
-flags.py -- train.py's command line: --name value flags, presets from config/, --help, and
-check_config(), which refuses a bad value before anything slow starts.
+plumbing/command_line.py -- the command line of every script: train.py's --name value flags,
+presets and --help, check_config(), and the parser and checks the other scripts share.
 
-All three are read from one place, train.py's Config: its fields are the options, their annotated
+train.py's options are read from one place, its Config: the fields are the options, their annotated
 types check the values (`alpha: float | None` also takes none), and the comment next to each field
 is its help text. experiment.py uses the same parser for the options it passes on to every run
 (but not --preset: its own presets are --size).
@@ -14,9 +14,17 @@ is its help text. experiment.py uses the same parser for the options it passes o
 A preset (nanoGPT's config/ files) is a small commented file of `name = value` lines, e.g.
 config/qwen05-gsm8k.py. It is read, never run: each value must be a literal (a number, a string,
 True/False or None), each name a Config field of the right type, or the preset is refused with the
-line to fix.
+line to fix. check_config() refuses a bad value before anything slow starts.
+
+evaluate.py, entropy_view.py, bench.py and one_update.py use OneLineParser, argparse whose errors
+are one line, and the checks every script makes before it spends time on a model. The rule they
+serve: a typo costs a second, not a model load, and a bad --out never costs the results. So
+options are checked in this order: ranges (check_sampling), output paths (check_out_file,
+make_out_folder), then, once the model is loaded and before any sampling, the model's context
+length (check_context). Each refusal is one line that names the fix.
 """
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -24,12 +32,14 @@ import inspect
 import math
 import os
 import re
+import sys
 import typing
 
-from evaluate import check_device, cuda_graph_option
-from metrics import MetricsLogger
+from plumbing.metrics import MetricsLogger
 
-PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # the folder of named presets
+# the folder of named presets, beside train.py
+PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+
 
 
 # -----------------------------------------------------------------------------------------------
@@ -174,6 +184,8 @@ def checked(key: str, value, kind: type, optional: bool, at: str):
 def check_config(cfg):
     """Refuse settings that would fail later, or silently train something else, with the fix named.
     Takes a resolved Config (resolve_defaults); reads no file and loads nothing, so it is instant."""
+    from evaluate import check_device, cuda_graph_option  # here: evaluate.py imports this file
+
     problems = []
 
     def need(ok, message):
@@ -233,3 +245,82 @@ def config_help(schema) -> str:
     lines.append(f"\npresets (--preset NAME: the values in {os.path.relpath(PRESETS)}/NAME.py; flags given win)")
     lines += [f"  {name:<31} {about}" for name, about in preset_names().items()]
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------
+# The other scripts: checks made before the model loads, or right after it, before any sampling
+
+
+def check_sampling(n: int, max_new_tokens: int, temperature: float, top_p: float):
+    """The ranges of the sampling options evaluate.py and entropy_view.py share."""
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"--n and --max-new-tokens must be positive, got {n} and {max_new_tokens}")
+    if not (0 <= temperature < math.inf):
+        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy; the paper evaluates at 0.6), got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"--top-p must be in (0, 1] (1 = off; the paper uses 0.95), got {top_p}")
+
+
+def check_context(model, tokenizer, problems: list, max_new_tokens: int, option: str = "--max-new-tokens"):
+    """Refuse a prompt plus max_new_tokens beyond the model's context (max_position_embeddings):
+    it would allocate a KV cache of that size and then run until killed. Only the 16 longest
+    questions (in characters) are tokenised: enough to find the longest prompt, and quick."""
+    from rollout import format_prompt
+
+    limit = (model.hf_config or {}).get("max_position_embeddings")
+    if not limit or not problems:
+        return
+    longest = sorted(problems, key=lambda p: len(p.question))[-16:]
+    P = max(len(tokenizer(format_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"]) for p in longest)
+    if P + max_new_tokens > limit:
+        raise ValueError(f"the longest prompt ({P} tokens) plus {option} {max_new_tokens} needs {P + max_new_tokens} "
+                         f"positions, beyond the model's context of {limit}: lower {option} to at most {max(limit - P, 0)}"
+                         " or drop the longest problems")
+
+
+def check_out_file(path: str, what: str = "--out"):
+    """An output path must be writable before any work, so results are never lost at the very end."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{what} {path} is a folder: name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: the folder {folder} does not exist; create it or name another path")
+
+
+def make_out_folder(path: str, what: str = "--out"):
+    """Create (or reuse) an output folder before any work; a file in its place is refused."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a file: name a folder (or delete the file)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot create it ({e.strerror}); name another folder") from None
+
+
+# -----------------------------------------------------------------------------------------------
+# The other scripts' parser
+
+
+def _dashed(arg: str) -> str:
+    """--max_new_tokens=5 -> --max-new-tokens=5; values and other arguments stay as they are."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("_", "-") + eq + value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option gives one line naming the fix (exit code 2), without the usage block;
+    --help shows every default; and --max_new_tokens works as well as --max-new-tokens (train.py's
+    spelling), so a flag copied from one script to another is never refused for its dashes."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_args([_dashed(a) for a in args], namespace)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)

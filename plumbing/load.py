@@ -1,5 +1,5 @@
 """
-load.py -- real checkpoints in and out of model.py's Transformer.
+plumbing/load.py -- real checkpoints in and out of model.py's Transformer.
 
 Where it sits: before everything else. train.py, evaluate.py, entropy_view.py and experiment.py
 start with load_model; train.py ends with save_pretrained.
