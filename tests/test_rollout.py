@@ -316,7 +316,7 @@ def test_the_fast_draw_is_the_reference_draw(temperature, top_p, top_k, scale):
 def test_the_fast_sampler_gives_the_reference_loops_numbers(smollm2, prompts, monkeypatch, temperature, top_p, top_k):
     """sample() as train.py and evaluate.py call it on a CPU (fast=True, the default: rows that stop
     leave the batch, top-p through the window) against the plain loop (fast=False) on SmolLM2: the
-    same tokens, texts, log-probs and entropies for the same seed, to the bit (3 prompts x 4
+    same tokens and texts for the same seed, log-probs and entropies to rounding (3 prompts x 4
     answers over 48 tokens, some stop; the static cache's path is compared in float32 below)."""
     model, tok = smollm2
     kw = dict(group_size=4, max_new_tokens=48, temperature=temperature, top_p=top_p, top_k=top_k, seed=2)
@@ -326,7 +326,10 @@ def test_the_fast_sampler_gives_the_reference_loops_numbers(smollm2, prompts, mo
     fast = sample(model, tok, prompts, **kw)
     assert torch.equal(fast.response_ids, ref.response_ids) and fast.texts == ref.texts
     assert torch.equal(fast.response_mask, ref.response_mask) and torch.equal(fast.stopped, ref.stopped)
-    assert torch.equal(fast.logprobs, ref.logprobs) and torch.equal(fast.entropies, ref.entropies)
+    # the same tokens; their log-probs and entropies to rounding: the fast path drops stopped rows,
+    # and with several threads a matmul over fewer rows may sum in another order (last bits)
+    torch.testing.assert_close(fast.logprobs, ref.logprobs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast.entropies, ref.entropies, rtol=0, atol=1e-4)
     assert ref.stopped.sum() < 3 or calls[-1] < 12  # 3 of 12 rows stopped: the fast path dropped rows
 
 
