@@ -58,6 +58,19 @@ def test_a_finished_run_is_refused_on_resume_and_left_byte_for_byte(tmp_path, ti
                                                                ("train", 2), ("eval", 2)]
 
 
+def ctrl_c_on_second_call(real):
+    """`real`, wrapped to raise KeyboardInterrupt (a Ctrl-C) on its second call."""
+    calls = []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    return wrapped
+
+
 def runs_rows(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
@@ -85,15 +98,9 @@ def test_a_run_stopped_in_its_final_evaluation_finishes_it_on_resume(tmp_path, t
 
 def test_a_run_interrupted_then_resumed_keeps_its_start_accuracy(tmp_path, tiny_folder, monkeypatch, capsys):
     out = tmp_path / "run"
-    real, calls = train.update, []
+    real = train.update
 
-    def update_then_ctrl_c(*a, **k):  # Ctrl-C during the second step
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train, "update", update_then_ctrl_c)
+    monkeypatch.setattr(train, "update", ctrl_c_on_second_call(real))  # during the second step
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_folder, out, "--steps", "3"))
     assert stop.value.code == 130 and not (out / run_folder.LOCK).exists()
@@ -187,15 +194,9 @@ def test_evaluate_refuses_a_folder_with_results_unless_told_to_replace_them(tmp_
 
 def test_ctrl_c_in_evaluate_saves_the_problems_sampled_and_exits_130(tmp_path, tiny_folder, monkeypatch, capsys):
     out = tmp_path / "eval"
-    real, calls = rollout.sample, []
+    real = rollout.sample
 
-    def sample_then_ctrl_c(*a, **k):  # Ctrl-C while the second batch samples
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(rollout, "sample", sample_then_ctrl_c)
+    monkeypatch.setattr(rollout, "sample", ctrl_c_on_second_call(real))  # the second batch
     with pytest.raises(SystemExit) as stop:
         evaluate.main(eval_args(tiny_folder, out))
     assert stop.value.code == 130
